@@ -1,0 +1,128 @@
+"""Benchmarks: python -m leworld.bench <name> [key=value ...]
+
+    sigreg   time and peak memory of SIGReg (forward + backward) over a grid of batch sizes N and
+             slice counts M, for leworld's implementation and the naive one, side by side
+
+Each prints a markdown table with the machine and the command; docs/benchmarks.md keeps the results.
+"""
+
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from leworld import LeworldError
+from leworld.runtime import pick_device, run_main
+from leworld.sigreg import SIGReg, quadrature
+
+
+def naive_epps_pulley(x: torch.Tensor, knots: int, t_max: float) -> torch.Tensor:
+    """The textbook expression, x (N, M) -> (M,): autograd keeps (N, M, T) cos and sin tensors."""
+    t, weights, phi = quadrature(knots, t_max, x.device)
+    tx = x[..., None] * t  # (N, M, T)
+    return x.shape[0] * ((tx.cos().mean(0) - phi) ** 2 + tx.sin().mean(0) ** 2) @ weights
+
+
+class PeakMemory:
+    """Peak memory (MiB) allocated inside the block, above what was in use when it started.
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset on
+    entry through /proc/self/clear_refs (Linux).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = self._status("VmHWM")
+        self.mib = (peak - self.start) / 2**20
+
+
+def _sigreg_step(impl: str, z: torch.Tensor, sigreg: SIGReg) -> None:
+    if impl == "leworld":
+        loss = sigreg(z)
+    else:
+        loss = naive_epps_pulley(z @ sigreg.directions(z.shape[-1], z.device), sigreg.knots, sigreg.t_max).mean()
+    loss.backward()
+
+
+def bench_sigreg(cfg: DictConfig) -> None:
+    device = pick_device(cfg.device)
+    spec = cfg.sigreg
+    print(f"SIGReg forward + backward, D={spec.dim}, {spec.knots} knots, median of {spec.repeats} after a warm-up")
+    print(f"machine: {_machine(device)}")
+    print(f"command: python -m leworld.bench sigreg {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print("| N | M | leworld ms | naive ms | leworld peak MiB | naive peak MiB | memory ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in spec.n:
+        for m in spec.m:
+            sigreg = SIGReg(num_slices=m, knots=spec.knots).to(device)
+            results = {}
+            for impl in ("leworld", "naive"):
+                z = torch.randn(n, spec.dim, device=device, requires_grad=True)
+                _sigreg_step(impl, z, sigreg)  # warm-up
+                times = []
+                for _ in range(spec.repeats):
+                    z.grad = None
+                    _sync(device)
+                    start = time.perf_counter()
+                    _sigreg_step(impl, z, sigreg)
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                z.grad = None
+                with PeakMemory(device) as memory:
+                    _sigreg_step(impl, z, sigreg)
+                results[impl] = (1000 * statistics.median(times), memory.mib)
+            (t_ours, m_ours), (t_naive, m_naive) = results["leworld"], results["naive"]
+            print(f"| {n} | {m} | {t_ours:.1f} | {t_naive:.1f} | {m_ours:.1f} | {m_naive:.1f} | "
+                  f"{m_naive / max(m_ours, 1e-3):.1f}x |", flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+BENCHMARKS = {"sigreg": bench_sigreg}
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    if name not in BENCHMARKS:
+        print(f"usage: python -m leworld.bench {{{','.join(BENCHMARKS)}}} [key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    run_main("bench", BENCHMARKS[name], sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Checkpoints: one safetensors file holding the weights, with the run's resolved config (and any
+other JSON-able facts) in its metadata.
+
+Loading reads tensors and JSON only, never unpickles objects, and survives renamed Python classes.
+Saving is atomic: the file is written beside its destination, flushed to disk and renamed over it,
+so a crash while saving leaves the previous checkpoint intact.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from leworld import LeworldError
+
+FORMAT = "leworld"
+VERSION = 1
+FILENAME = "checkpoint.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Tensor]
+    config: dict
+    info: dict  # what kind of checkpoint, its step, and anything else saved with it
+    path: Path
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict, **info) -> Path:
+    path = Path(path)
+    metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config), "info": json.dumps(info)}
+    payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, metadata)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise LeworldError(f"checkpoint {path} does not exist; pass the path of a run folder or of its {FILENAME}")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = resolve_path(path)
+    try:
+        tensors = load_file(path, device=str(map_location))
+        with open(path, "rb") as f:  # the metadata sits in the JSON header after an 8-byte length
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LeworldError(f"{path} is not a readable safetensors checkpoint ({err}); it may be truncated or corrupt") from None
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise LeworldError(f"{path} is a safetensors file but not a leworld checkpoint (no leworld config inside)")
+    if int(metadata["version"]) > VERSION:
+        raise LeworldError(f"{path} was written by a newer leworld (format {metadata['version']}); upgrade leworld")
+    return Checkpoint(tensors, json.loads(metadata["config"]), json.loads(metadata.get("info", "{}")), path)
+
+
+def select(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under `prefix.`, with the prefix removed (a submodule's state dict)."""
+    return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}

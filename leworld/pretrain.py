@@ -1,0 +1,253 @@
+"""Image LeJEPA pretraining: python -m leworld.pretrain [key=value ...]
+
+An encoder (backbone + BatchNorm MLP projector) learns from images alone. Each image is seen
+through several random views; every view's embedding is pulled toward the mean embedding of the
+image's global views, and SIGReg keeps each view's embeddings an isotropic Gaussian over the
+batch, which rules out collapse without a teacher network, stop-gradient or schedule:
+
+    loss = (1 − λ) · mean_v ‖z_v − mean_g z_g‖² + λ · mean_v SIGReg(z_v)
+
+The trained backbone is reused with `load_encoder(run_folder)`.
+"""
+
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from leworld import LeworldError
+from leworld.augment import MultiCrop
+from leworld.checkpoint import FILENAME, load_checkpoint, save_checkpoint, select
+from leworld.images import ImageBatches, ImageSet, load_image_set
+from leworld.nn import Projector, build_backbone
+from leworld.optim import adamw, warmup_cosine
+from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
+from leworld.runtime import (Processes, RunLog, autocast, new_run_dir, run_main, seed_everything,
+                             start_processes, stop_processes)
+from leworld.sigreg import SIGReg
+
+
+class LeJEPA(nn.Module):
+    def __init__(self, backbone: nn.Module, projector: Projector, sigreg: SIGReg, sigreg_weight: float):
+        super().__init__()
+        self.backbone, self.projector, self.sigreg = backbone, projector, sigreg
+        self.sigreg_weight = sigreg_weight
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "LeJEPA":
+        backbone = build_backbone(cfg.backbone)
+        projector = Projector(backbone.feature_dim, list(cfg.projector.hidden), cfg.projector.out_dim)
+        return cls(backbone, projector, SIGReg(**cfg.loss.sigreg), cfg.loss.sigreg_weight)
+
+    def forward(self, global_views: Tensor, local_views: Tensor | None = None) -> dict[str, Tensor]:
+        """Views (Vg, B, 3, G, G) and (Vl, B, 3, L, L) of the same B images -> losses, and the
+        features of the first global view (B, F) for the online probe."""
+        views, batch = len(global_views), global_views.shape[1]
+        features = [self.backbone(rearrange(global_views, "v b c h w -> (v b) c h w"))]  # (Vg·B, F)
+        if local_views is not None:  # another size: its own backbone pass
+            features.append(self.backbone(rearrange(local_views, "v b c h w -> (v b) c h w")))
+            views += len(local_views)
+        z = rearrange(self.projector(torch.cat(features)), "(v b) d -> v b d", v=views)  # (V, B, D)
+        center = z[: len(global_views)].mean(0)  # (B, D): no stop-gradient, no teacher
+        pred = (z - center).square().mean()
+        sigreg = self.sigreg(z)  # per view over the batch, averaged over views
+        loss = (1 - self.sigreg_weight) * pred + self.sigreg_weight * sigreg
+        return {"loss": loss, "pred": pred, "sigreg": sigreg, "features": features[0][:batch]}
+
+
+def load_encoder(path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained backbone of a pretraining run (its folder or checkpoint file), in eval mode:
+    images (B, 3, H, W), normalised with leworld.augment.normalize -> features (B, feature_dim)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.info.get("kind") != "pretrain":
+        raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind', 'unknown')} checkpoint, not an image pretraining one")
+    backbone = build_backbone(ckpt.config["backbone"])
+    missing, unexpected = backbone.load_state_dict(select(ckpt.tensors, "backbone"), strict=False)
+    if missing or unexpected:
+        raise LeworldError(f"{ckpt.path} does not match its backbone config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return backbone.to(device).eval()
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def _loader(images: ImageSet, cfg: DictConfig, procs: Processes) -> DataLoader:
+    dataset = ImageBatches(images)
+    if procs.world_size > 1:
+        order = DistributedSampler(dataset, procs.world_size, procs.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    else:
+        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
+    batches = BatchSampler(order, cfg.train.batch_size, drop_last=True)
+    if len(batches) == 0:
+        raise LeworldError(
+            f"{len(images) // procs.world_size} training images per process are fewer than one batch "
+            f"(train.batch_size={cfg.train.batch_size}); lower train.batch_size or add images"
+        )
+    workers = cfg.train.workers
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                      pin_memory=procs.device.type == "cuda", persistent_workers=workers > 0)
+
+
+def _check_finite(loss: Tensor, step: int, cfg: DictConfig) -> None:
+    if not torch.isfinite(loss):
+        raise LeworldError(
+            f"the loss became {loss.item()} at step {step}; lower train.lr (now {cfg.train.lr}) or check the "
+            "images for NaNs (the last saved checkpoint is untouched)"
+        )
+
+
+def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, val: ImageSet,
+             cfg: DictConfig, device: torch.device) -> dict:
+    """Linear probe and k-NN accuracy on held-out images, for the trained backbone and (if given)
+    the same backbone at its random initialisation."""
+    results = {}
+    for name, net in [("pretrained", backbone), ("random_init", initial)]:
+        if net is None:
+            continue
+        size = cfg.views["global"].size
+        train_x = extract_features(net, train.images, size, device, cfg.probe.batch_size)
+        val_x = extract_features(net, val.images, size, device, cfg.probe.batch_size)
+        train_y, val_y = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
+        results[name] = {
+            "linear_probe": linear_probe_accuracy(train_x, train_y, val_x, val_y, cfg.probe.linear_weight_decay),
+            "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.probe.knn_k, cfg.probe.knn_temperature),
+        }
+    return results
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    procs = start_processes(cfg.device)
+    seed_everything(cfg.seed + procs.rank)
+    device = procs.device
+
+    data = load_image_set(cfg.data)
+    if cfg.data.val_path is not None:
+        train_set, val_set = data, load_image_set(OmegaConf.merge(cfg.data, {"path": cfg.data.val_path}))
+    else:
+        train_set, val_set = data.split(cfg.data.val_fraction, cfg.seed)
+    labelled = train_set.labels is not None and val_set.labels is not None
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = LeJEPA.from_config(cfg).to(device)
+    initial_backbone = copy.deepcopy(model.backbone) if cfg.probe.random_baseline and labelled else None
+    if procs.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model) if procs.world_size > 1 else model
+    loader = _loader(train_set, cfg, procs)
+
+    run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
+    log = RunLog(run_dir, cfg, enabled=procs.is_main)
+    log.print(f"data: {data.source}: {len(train_set)} training / {len(val_set)} held-out images of "
+              f"{train_set.images.shape[1]}x{train_set.images.shape[2]} px, {'labelled' if labelled else 'no labels'}")
+    if cfg.data.kind == "shapes":
+        log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
+                  "or data=array data.path=<file.npy|.npz> for your own)")
+
+
+    total_steps = cfg.train.epochs * len(loader)
+    optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
+    schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
+    views = MultiCrop(cfg.views, cfg.augment)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)
+
+    probe_head = None
+    if cfg.probe.online and labelled:
+        probe_head = nn.Linear(model.backbone.feature_dim, len(train_set.classes)).to(device)
+        probe_optimizer = torch.optim.AdamW(probe_head.parameters(), lr=cfg.probe.online_lr)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    log.print(f"model: {cfg.backbone.name} backbone + projector, {parameters / 1e6:.2f}M parameters, on {device}"
+              f"{f' x {procs.world_size} processes' if procs.world_size > 1 else ''}; run folder {run_dir}")
+
+    def save(step: int) -> None:
+        if procs.is_main:
+            save_checkpoint(run_dir / FILENAME, model.state_dict(), OmegaConf.to_container(cfg, resolve=True),
+                            kind="pretrain", step=step, epoch=step // len(loader))
+
+    step, window = 0, {"loss": 0.0, "pred": 0.0, "sigreg": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0}
+    first_sigreg = None
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="pretrain", disable=not procs.is_main, dynamic_ncols=True)
+    for epoch in range(cfg.train.epochs):
+        if isinstance(loader.sampler.sampler, DistributedSampler):
+            loader.sampler.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                global_views, local_views = views(images, generator)
+            with autocast(device):
+                out = net(global_views, local_views)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if cfg.train.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            schedule.step()
+
+            if probe_head is not None:  # on detached features: it never shapes the encoder
+                logits = probe_head(F.layer_norm(out["features"].detach().float(), (model.backbone.feature_dim,)))
+                probe_loss = F.cross_entropy(logits, labels)
+                probe_optimizer.zero_grad(set_to_none=True)
+                probe_loss.backward()
+                probe_optimizer.step()
+                window["correct"] += (logits.argmax(1) == labels).sum()
+                window["seen"] += len(labels)
+            for key in ("loss", "pred", "sigreg"):
+                window[key] += out[key].detach()
+            window["steps"] += 1
+            step += 1
+            bar.update()
+
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                _check_finite(window["loss"], step, cfg)
+                metrics = {key: float(window[key]) / window["steps"] for key in ("loss", "pred", "sigreg")}
+                first_sigreg = metrics["sigreg"] if first_sigreg is None else first_sigreg
+                if window["seen"]:
+                    metrics["probe_acc"] = float(window["correct"]) / window["seen"]
+                metrics["lr"] = schedule.get_last_lr()[0]
+                metrics["images_per_s"] = step * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
+                metrics["epoch"] = epoch
+                log.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", sigreg=f"{metrics['sigreg']:.2f}",
+                                **({"probe": f"{metrics['probe_acc']:.1%}"} if "probe_acc" in metrics else {}),
+                                img_s=f"{metrics['images_per_s']:.0f}")
+                window = {key: 0.0 for key in window}
+        if cfg.train.save_every_epochs and (epoch + 1) % cfg.train.save_every_epochs == 0:
+            save(step)
+    bar.close()
+    save(step)
+    stop_processes()
+    if not procs.is_main:
+        return {}
+
+    elapsed = time.perf_counter() - start
+    results = {"steps": step, "seconds": elapsed, "images_per_s": step * cfg.train.batch_size * procs.world_size / elapsed,
+               "sigreg_first": first_sigreg, "sigreg_last": metrics["sigreg"], "loss_last": metrics["loss"]}
+    log.print(f"trained {step} steps in {elapsed:.0f} s ({results['images_per_s']:.0f} images/s); "
+              f"SIGReg {first_sigreg:.2f} -> {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)")
+    if labelled:
+        results["eval"] = evaluate(model.backbone, initial_backbone, train_set, val_set, cfg, device)
+        log.print(f"frozen features on {len(val_set)} held-out images:      linear probe    k-NN (k={cfg.probe.knn_k})")
+        for name, scores in results["eval"].items():
+            log.print(f"  {name:<48} {scores['linear_probe']:>10.1%} {scores['knn']:>10.1%}")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
+    log.close()
+    return results | {"run_dir": str(run_dir)}
+
+
+def main() -> None:
+    run_main("pretrain", pretrain)
+
+
+if __name__ == "__main__":
+    main()

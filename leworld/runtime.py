@@ -1,0 +1,207 @@
+"""What every verb shares: its config from the command line, clean errors, the device and the
+processes it runs on, its run folder, and its log (console, metrics file, wandb)."""
+
+import datetime
+import importlib.resources
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from leworld import LeworldError
+
+CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
+
+
+# ---- config --------------------------------------------------------------------------------
+
+
+def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """Compose configs/<name>.yaml with hydra overrides (key=value, group=option, +new=value)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(name, overrides=list(overrides))
+    except MissingConfigException as err:
+        if err.missing_cfg_file and "/" in err.missing_cfg_file:
+            group, choice = err.missing_cfg_file.rsplit("/", 1)
+            options = ", ".join(err.options or [])
+            raise LeworldError(f"there is no {group}={choice}; choose one of: {options}") from None
+        raise LeworldError(f"no config named {name!r} in {CONFIG_DIR}") from None
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
+        raise LeworldError("bad override: " + "; ".join(lines)) from None
+    OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
+    return cfg
+
+
+def require(cfg: DictConfig, key: str, message: str):
+    """The value at a dotted key, or LeworldError(message) when the config leaves it unset (???)."""
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException:
+        raise LeworldError(message) from None
+
+
+def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[str] | None = None) -> None:
+    """Entry point of a verb: `python -m leworld.<verb> key=value ...` (args: sys.argv[1:]).
+
+    Errors the user can fix print as one line (`error: ...`) and exit with status 2.
+    """
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] in ("-h", "--help"):
+        cfg = load_config(config_name, args[1:])
+        print(f"usage: python -m leworld.{config_name} [key=value | group=option | +key=value ...]\n")
+        groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        for group in groups:
+            options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
+            if group in cfg:
+                print(f"  {group}=  {' | '.join(options)}")
+        print("\nresolved config:\n")
+        print(OmegaConf.to_yaml(cfg))
+        return
+    try:
+        run(load_config(config_name, args))
+    except LeworldError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- devices and processes -----------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; an explicit device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LeworldError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeworldError(f"device={name} but this machine has no CUDA GPU; use device=auto or device=cpu")
+    return device
+
+
+@dataclass
+class Processes:
+    """This process's place among the data-parallel processes (one, without torchrun)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device_name: str) -> Processes:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return Processes(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), world_size, device)
+
+
+def stop_processes() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU, where bf16 is many times slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---- run folder and log --------------------------------------------------------------------
+
+
+def new_run_dir(path: str | None, verb: str) -> Path:
+    """A fresh run folder: the given path, or runs/<verb>/<date-time>. Never reuses a non-empty one."""
+    if path is None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        path = Path("runs") / verb / stamp
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise LeworldError(f"run_dir={path} already holds a run; choose another run_dir (nothing was overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RunLog:
+    """Console lines (kept in console.log), metric rows (metrics.jsonl) and, when asked, wandb.
+
+    Only the main process writes; on the others every call does nothing.
+    """
+
+    def __init__(self, run_dir: Path | None, cfg: DictConfig, enabled: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.wandb = None
+        if not self.enabled:
+            return
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        self.console = open(run_dir / "console.log", "a")
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if cfg.logger.name == "wandb":
+            import wandb  # imported here: it takes a second and most runs do not need it
+
+            self.wandb = wandb.init(
+                project=cfg.logger.project,
+                mode=cfg.logger.mode,
+                dir=str(run_dir),
+                name=run_dir.name,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(message)
+        self.console.write(message + "\n")
+        self.console.flush()
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) if isinstance(v, (float, int, np.floating)) else v for k, v in metrics.items()}}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.console.close()
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -6,6 +6,7 @@
 Each prints a markdown table with the machine and the command; docs/benchmarks.md keeps the results.
 """
 
+import ctypes
 import platform
 import re
 import statistics
@@ -30,8 +31,11 @@ def naive_epps_pulley(x: torch.Tensor, knots: int, t_max: float) -> torch.Tensor
 class PeakMemory:
     """Peak memory (MiB) allocated inside the block, above what was in use when it started.
 
-    CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset on
-    entry through /proc/self/clear_refs (Linux).
+    CUDA: the caching allocator's peak. CPU (Linux, glibc): the process's peak resident set
+    (VmHWM), reset on entry through /proc/self/clear_refs. glibc keeps freed blocks in its heap and
+    hands them out again without the resident set growing, so on entry its free pages are given
+    back to the system (malloc_trim) and every new block of 64 KiB or more is made its own
+    mapping. That slows allocation for the rest of the process: time things before measuring memory.
     """
 
     def __init__(self, device: torch.device):
@@ -48,6 +52,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            libc, M_MMAP_THRESHOLD = ctypes.CDLL("libc.so.6"), -3
+            libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+            libc.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
             self.start = self._status("VmRSS")
@@ -78,28 +85,32 @@ def bench_sigreg(cfg: DictConfig) -> None:
     print(f"command: python -m leworld.bench sigreg {' '.join(sys.argv[2:])}".rstrip() + "\n")
     print("| N | M | leworld ms | naive ms | leworld peak MiB | naive peak MiB | memory ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
+    grid = [(n, m, impl) for n in spec.n for m in spec.m for impl in ("leworld", "naive")]
+    milliseconds, mebibytes = {}, {}
+    for n, m, impl in grid:  # all timings first: measuring memory slows the allocator (see PeakMemory)
+        sigreg = SIGReg(num_slices=m, knots=spec.knots).to(device)
+        z = torch.randn(n, spec.dim, device=device, requires_grad=True)
+        _sigreg_step(impl, z, sigreg)  # warm-up
+        times = []
+        for _ in range(spec.repeats):
+            z.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            _sigreg_step(impl, z, sigreg)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        milliseconds[n, m, impl] = 1000 * statistics.median(times)
+    for n, m, impl in grid:
+        sigreg = SIGReg(num_slices=m, knots=spec.knots).to(device)
+        z = torch.randn(n, spec.dim, device=device, requires_grad=True)
+        with PeakMemory(device) as memory:
+            _sigreg_step(impl, z, sigreg)
+        mebibytes[n, m, impl] = memory.mib
     for n in spec.n:
         for m in spec.m:
-            sigreg = SIGReg(num_slices=m, knots=spec.knots).to(device)
-            results = {}
-            for impl in ("leworld", "naive"):
-                z = torch.randn(n, spec.dim, device=device, requires_grad=True)
-                _sigreg_step(impl, z, sigreg)  # warm-up
-                times = []
-                for _ in range(spec.repeats):
-                    z.grad = None
-                    _sync(device)
-                    start = time.perf_counter()
-                    _sigreg_step(impl, z, sigreg)
-                    _sync(device)
-                    times.append(time.perf_counter() - start)
-                z.grad = None
-                with PeakMemory(device) as memory:
-                    _sigreg_step(impl, z, sigreg)
-                results[impl] = (1000 * statistics.median(times), memory.mib)
-            (t_ours, m_ours), (t_naive, m_naive) = results["leworld"], results["naive"]
-            print(f"| {n} | {m} | {t_ours:.1f} | {t_naive:.1f} | {m_ours:.1f} | {m_naive:.1f} | "
-                  f"{m_naive / max(m_ours, 1e-3):.1f}x |", flush=True)
+            ours, naive = mebibytes[n, m, "leworld"], mebibytes[n, m, "naive"]
+            print(f"| {n} | {m} | {milliseconds[n, m, 'leworld']:.1f} | {milliseconds[n, m, 'naive']:.1f} | "
+                  f"{ours:.1f} | {naive:.1f} | {naive / max(ours, 1e-3):.1f}x |", flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +121,13 @@ def _sync(device: torch.device) -> None:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 BENCHMARKS = {"sigreg": bench_sigreg}

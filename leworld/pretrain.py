@@ -12,9 +12,9 @@ The trained backbone is reused with `load_encoder(run_folder)`.
 
 import copy
 import json
+import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -97,12 +97,36 @@ def _loader(images: ImageSet, cfg: DictConfig, procs: Processes) -> DataLoader:
                       pin_memory=procs.device.type == "cuda", persistent_workers=workers > 0)
 
 
-def _check_finite(loss: Tensor, step: int, cfg: DictConfig) -> None:
-    if not torch.isfinite(loss):
-        raise LeworldError(
-            f"the loss became {loss.item()} at step {step}; lower train.lr (now {cfg.train.lr}) or check the "
-            "images for NaNs (the last saved checkpoint is untouched)"
-        )
+class OnlineProbe:
+    """A linear classifier fit on detached features during pretraining: a running read-out of what
+    the features say about the labels, which never shapes the encoder."""
+
+    def __init__(self, dim: int, classes: int, lr: float, device: torch.device):
+        self.head = nn.Linear(dim, classes).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr)
+        self.correct = self.seen = 0
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        logits = self.head(F.layer_norm(features.detach().float(), features.shape[-1:]))
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(logits, labels).backward()
+        self.optimizer.step()
+        self.correct += (logits.argmax(1) == labels).sum()  # a tensor: no sync with the GPU here
+        self.seen += len(labels)
+
+    def accuracy(self) -> float:
+        """Accuracy since the last call."""
+        accuracy = float(self.correct) / max(1, self.seen)
+        self.correct = self.seen = 0
+        return accuracy
+
+
+def load_data(cfg: DictConfig) -> tuple[ImageSet, ImageSet]:
+    """(train, held-out) image sets: data.val_path if given, else a data.val_fraction split."""
+    data = load_image_set(cfg.data)
+    if cfg.data.val_path is not None:
+        return data, load_image_set(OmegaConf.merge(cfg.data, {"path": cfg.data.val_path}))
+    return data.split(cfg.data.val_fraction, cfg.seed)
 
 
 def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, val: ImageSet,
@@ -110,13 +134,13 @@ def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, va
     """Linear probe and k-NN accuracy on held-out images, for the trained backbone and (if given)
     the same backbone at its random initialisation."""
     results = {}
+    size = cfg.views["global"].size
+    train_y, val_y = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
     for name, net in [("pretrained", backbone), ("random_init", initial)]:
         if net is None:
             continue
-        size = cfg.views["global"].size
         train_x = extract_features(net, train.images, size, device, cfg.probe.batch_size)
         val_x = extract_features(net, val.images, size, device, cfg.probe.batch_size)
-        train_y, val_y = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
         results[name] = {
             "linear_probe": linear_probe_accuracy(train_x, train_y, val_x, val_y, cfg.probe.linear_weight_decay),
             "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.probe.knn_k, cfg.probe.knn_temperature),
@@ -126,105 +150,94 @@ def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, va
 
 def pretrain(cfg: DictConfig) -> dict:
     procs = start_processes(cfg.device)
-    seed_everything(cfg.seed + procs.rank)
     device = procs.device
-
-    data = load_image_set(cfg.data)
-    if cfg.data.val_path is not None:
-        train_set, val_set = data, load_image_set(OmegaConf.merge(cfg.data, {"path": cfg.data.val_path}))
-    else:
-        train_set, val_set = data.split(cfg.data.val_fraction, cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    train_set, val_set = load_data(cfg)
     labelled = train_set.labels is not None and val_set.labels is not None
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = LeJEPA.from_config(cfg).to(device)
     initial_backbone = copy.deepcopy(model.backbone) if cfg.probe.random_baseline and labelled else None
     if procs.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = DistributedDataParallel(model) if procs.world_size > 1 else model
     loader = _loader(train_set, cfg, procs)
-
-    run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
-    log = RunLog(run_dir, cfg, enabled=procs.is_main)
-    log.print(f"data: {data.source}: {len(train_set)} training / {len(val_set)} held-out images of "
-              f"{train_set.images.shape[1]}x{train_set.images.shape[2]} px, {'labelled' if labelled else 'no labels'}")
-    if cfg.data.kind == "shapes":
-        log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
-                  "or data=array data.path=<file.npy|.npz> for your own)")
-
-
     total_steps = cfg.train.epochs * len(loader)
     optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
     schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
     views = MultiCrop(cfg.views, cfg.augment)
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)  # each process its own crops
+    probe = OnlineProbe(model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device) \
+        if cfg.probe.online and labelled else None
 
-    probe_head = None
-    if cfg.probe.online and labelled:
-        probe_head = nn.Linear(model.backbone.feature_dim, len(train_set.classes)).to(device)
-        probe_optimizer = torch.optim.AdamW(probe_head.parameters(), lr=cfg.probe.online_lr)
+    # only now, with data and model in hand, is there a run to record
+    run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
+    log = RunLog(run_dir, cfg, enabled=procs.is_main)
+    log.print(f"data: {train_set.source}: {len(train_set)} training / {len(val_set)} held-out images of "
+              f"{train_set.images.shape[1]}x{train_set.images.shape[2]} px, {'labelled' if labelled else 'no labels'}")
+    if cfg.data.kind == "shapes":
+        log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
+                  "or data=array data.path=<file.npy|.npz> for your own)")
+    processes = f" x {procs.world_size} processes" if procs.world_size > 1 else ""
+    log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, on {device}{processes}; {total_steps} steps; run folder {run_dir}")
 
-    parameters = sum(p.numel() for p in model.parameters())
-    log.print(f"model: {cfg.backbone.name} backbone + projector, {parameters / 1e6:.2f}M parameters, on {device}"
-              f"{f' x {procs.world_size} processes' if procs.world_size > 1 else ''}; run folder {run_dir}")
+    step, sums, first_sigreg = 0, {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}, None
+    steps_in_window = 0
 
-    def save(step: int) -> None:
+    def check_finite() -> None:
+        if not math.isfinite(float(sums["loss"])):
+            raise LeworldError(f"the loss became {float(sums['loss'])} before step {step}; lower train.lr (now "
+                               f"{cfg.train.lr}) or check the images for NaNs (saved checkpoints are untouched)")
+
+    def save() -> None:
+        check_finite()  # never replace a good checkpoint with diverged weights
         if procs.is_main:
             save_checkpoint(run_dir / FILENAME, model.state_dict(), OmegaConf.to_container(cfg, resolve=True),
                             kind="pretrain", step=step, epoch=step // len(loader))
 
-    step, window = 0, {"loss": 0.0, "pred": 0.0, "sigreg": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0}
-    first_sigreg = None
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not procs.is_main, dynamic_ncols=True)
-    for epoch in range(cfg.train.epochs):
-        if isinstance(loader.sampler.sampler, DistributedSampler):
-            loader.sampler.sampler.set_epoch(epoch)
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.no_grad():
-                global_views, local_views = views(images, generator)
-            with autocast(device):
-                out = net(global_views, local_views)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.train.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            schedule.step()
+    try:
+        for epoch in range(cfg.train.epochs):
+            if procs.world_size > 1:
+                loader.sampler.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.no_grad():
+                    global_views, local_views = views(images, generator)
+                with autocast(device):
+                    out = net(global_views, local_views)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg.train.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                schedule.step()
+                if probe is not None:
+                    probe.update(out["features"], labels)
+                for key in sums:
+                    sums[key] += out[key].detach()
+                step, steps_in_window = step + 1, steps_in_window + 1
+                bar.update()
 
-            if probe_head is not None:  # on detached features: it never shapes the encoder
-                logits = probe_head(F.layer_norm(out["features"].detach().float(), (model.backbone.feature_dim,)))
-                probe_loss = F.cross_entropy(logits, labels)
-                probe_optimizer.zero_grad(set_to_none=True)
-                probe_loss.backward()
-                probe_optimizer.step()
-                window["correct"] += (logits.argmax(1) == labels).sum()
-                window["seen"] += len(labels)
-            for key in ("loss", "pred", "sigreg"):
-                window[key] += out[key].detach()
-            window["steps"] += 1
-            step += 1
-            bar.update()
-
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                _check_finite(window["loss"], step, cfg)
-                metrics = {key: float(window[key]) / window["steps"] for key in ("loss", "pred", "sigreg")}
-                first_sigreg = metrics["sigreg"] if first_sigreg is None else first_sigreg
-                if window["seen"]:
-                    metrics["probe_acc"] = float(window["correct"]) / window["seen"]
-                metrics["lr"] = schedule.get_last_lr()[0]
-                metrics["images_per_s"] = step * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
-                metrics["epoch"] = epoch
-                log.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", sigreg=f"{metrics['sigreg']:.2f}",
-                                **({"probe": f"{metrics['probe_acc']:.1%}"} if "probe_acc" in metrics else {}),
-                                img_s=f"{metrics['images_per_s']:.0f}")
-                window = {key: 0.0 for key in window}
-        if cfg.train.save_every_epochs and (epoch + 1) % cfg.train.save_every_epochs == 0:
-            save(step)
-    bar.close()
-    save(step)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    check_finite()
+                    metrics = {key: float(total) / steps_in_window for key, total in sums.items()}
+                    first_sigreg = metrics["sigreg"] if first_sigreg is None else first_sigreg
+                    if probe is not None:
+                        metrics["probe_acc"] = probe.accuracy()
+                    metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch,
+                                "images_per_s": step * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)}
+                    log.log(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", sigreg=f"{metrics['sigreg']:.2f}",
+                                    **({"probe": f"{metrics['probe_acc']:.1%}"} if probe else {}),
+                                    img_s=f"{metrics['images_per_s']:.0f}")
+                    sums, steps_in_window = {key: 0.0 for key in sums}, 0
+            if cfg.train.save_every_epochs and (epoch + 1) % cfg.train.save_every_epochs == 0:
+                save()
+    finally:
+        bar.close()  # before any error message, so that it gets a line of its own
+    save()
     stop_processes()
     if not procs.is_main:
         return {}
@@ -236,9 +249,9 @@ def pretrain(cfg: DictConfig) -> dict:
               f"SIGReg {first_sigreg:.2f} -> {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)")
     if labelled:
         results["eval"] = evaluate(model.backbone, initial_backbone, train_set, val_set, cfg, device)
-        log.print(f"frozen features on {len(val_set)} held-out images:      linear probe    k-NN (k={cfg.probe.knn_k})")
+        log.print(f"frozen features, {len(val_set)} held-out images:  linear probe   k-NN (k={cfg.probe.knn_k})")
         for name, scores in results["eval"].items():
-            log.print(f"  {name:<48} {scores['linear_probe']:>10.1%} {scores['knn']:>10.1%}")
+            log.print(f"  {name:<40} {scores['linear_probe']:>12.1%} {scores['knn']:>12.1%}")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
     log.close()

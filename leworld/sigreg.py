@@ -43,8 +43,8 @@ class _CharacteristicSums(torch.autograd.Function):
         sin_sum = torch.empty_like(cos_sum)
         for k, t in enumerate(knots):
             tx = t * x
-            cos_sum[..., k] = tx.cos().sum(-2)
             sin_sum[..., k] = tx.sin().sum(-2)
+            cos_sum[..., k] = tx.cos_().sum(-2)  # in place: tx is not needed any more
         return cos_sum, sin_sum
 
     @staticmethod
@@ -54,9 +54,11 @@ class _CharacteristicSums(torch.autograd.Function):
         grad_x = torch.zeros_like(x)
         for k, t in enumerate(ctx.knots):
             tx = t * x
-            g_cos = grad_cos[..., None, :, k]  # (..., 1, M), broadcast over the N rows
-            g_sin = grad_sin[..., None, :, k]
-            grad_x += t * (g_sin * tx.cos() - g_cos * tx.sin())
+            sin = tx.sin()
+            cos = tx.cos_()
+            # (..., 1, M) weights broadcast over the N rows inside addcmul: no (N, M) temporaries
+            grad_x.addcmul_(cos, t * grad_sin[..., None, :, k])
+            grad_x.addcmul_(sin, -t * grad_cos[..., None, :, k])
         return grad_x, None
 
 

@@ -100,3 +100,26 @@ def test_help_lists_the_choices():
     done = pretrain_cli("--help")
     assert done.returncode == 0
     assert "backbone=" in done.stdout and "vit_tiny" in done.stdout and "sigreg_weight" in done.stdout
+
+
+def test_torchrun_with_two_processes(tmp_path):
+    """The same command under torchrun: gloo on CPU, one run folder written by rank 0 alone."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "leworld.pretrain", *TINY, *TINY_SHAPES, "train.epochs=2", f"run_dir={run}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "x 2 processes" in (run / "console.log").read_text()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one writer: no step logged twice
+    assert steps[-1] == 2 * (48 // (2 * 16))  # 48 training images, batch 16 per process, 2 epochs
+    assert load_encoder(run)(torch.zeros(1, 3, 16, 16)).shape == (1, 16)
+
+
+def test_diverging_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    run = tmp_path / "run"
+    done = pretrain_cli(*TINY, *TINY_SHAPES, "train.epochs=3", "train.lr=1e30", f"run_dir={run}")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: the loss became nan") and "train.lr" in last
+    assert not (run / "checkpoint.safetensors").exists()

@@ -62,25 +62,26 @@ def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[s
     Errors the user can fix print as one line (`error: ...`) and exit with status 2.
     """
     args = sys.argv[1:] if args is None else args
-    if args and args[0] in ("-h", "--help"):
-        cfg = load_config(config_name, args[1:])
-        print(f"usage: python -m leworld.{config_name} [key=value | group=option | +key=value ...]\n")
-        groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
-        for group in groups:
-            options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
-            if group in cfg:
-                print(f"  {group}=  {' | '.join(options)}")
-        print("\nresolved config:\n")
-        print(OmegaConf.to_yaml(cfg))
-        return
     try:
-        run(load_config(config_name, args))
+        if args and args[0] in ("-h", "--help"):
+            print_help(config_name, load_config(config_name, args[1:]))
+        else:
+            run(load_config(config_name, args))
     except LeworldError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def print_help(config_name: str, cfg: DictConfig) -> None:
+    print(f"usage: python -m leworld.{config_name} [key=value | group=option | +key=value ...]\n")
+    for group in sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name in cfg):
+        options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
+        print(f"  {group}=  {' | '.join(options)}")
+    print("\nresolved config:\n")
+    print(OmegaConf.to_yaml(cfg))
 
 
 # ---- devices and processes -----------------------------------------------------------------

@@ -166,8 +166,9 @@ def pretrain(cfg: DictConfig) -> dict:
     schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
     views = MultiCrop(cfg.views, cfg.augment)
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)  # each process its own crops
-    probe = OnlineProbe(model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device) \
-        if cfg.probe.online and labelled else None
+    probe = None
+    if cfg.probe.online and labelled:
+        probe = OnlineProbe(model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device)
 
     # only now, with data and model in hand, is there a run to record
     run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None

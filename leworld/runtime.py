@@ -193,8 +193,7 @@ class RunLog:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: float(v) if isinstance(v, (float, int, np.floating)) else v for k, v in metrics.items()}}
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)

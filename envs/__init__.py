@@ -1,0 +1,41 @@
+"""leworld's MuJoCo environments and their scripted data-collection policies.
+
+    import envs, gymnasium
+    env = gymnasium.make("leworld/PushT-v0", image_size=64)   # or envs.make("pusht", image_size=64)
+
+Each environment renders pixels offscreen, reports its physical state in `info["state"]` (and its
+proprioception in `info["proprio"]`), restores a state exactly with reset(options={"state": s}),
+and judges success with the pure function env.success(state, goal_state).
+"""
+
+import gymnasium as gym
+import numpy as np
+
+from envs.base import EnvError, MujocoEnv, RandomPolicy
+from envs.pusht import PushTEnv, PushTExpert
+from envs.reacher import ReacherEnv, ReacherExpert
+from envs.tworoom import TwoRoomEnv, TwoRoomExpert
+
+ENVS = {"pusht": PushTEnv, "tworoom": TwoRoomEnv, "reacher": ReacherEnv}
+EXPERTS = {"pusht": PushTExpert, "tworoom": TwoRoomExpert, "reacher": ReacherExpert}
+IDS = {"pusht": "leworld/PushT-v0", "tworoom": "leworld/TwoRoom-v0", "reacher": "leworld/Reacher-v0"}
+
+for _name, _id in IDS.items():
+    if _id not in gym.registry:
+        gym.register(_id, entry_point=f"{ENVS[_name].__module__}:{ENVS[_name].__name__}")
+
+
+def make(name: str, **kwargs) -> MujocoEnv:
+    """An environment by short name (pusht, tworoom, reacher) without gymnasium's wrappers."""
+    if name not in ENVS:
+        raise EnvError(f"unknown environment {name!r}; choose one of: {', '.join(ENVS)}")
+    return ENVS[name](**kwargs)
+
+
+def make_policy(name: str, env: MujocoEnv, rng: np.random.Generator, expert: bool, noise: float = 0.1):
+    """The scripted expert of an environment (with Gaussian action noise `noise`), or exploration."""
+    return EXPERTS[name](rng, noise=noise) if expert else RandomPolicy(rng, env.action_space)
+
+
+__all__ = ["ENVS", "EXPERTS", "IDS", "EnvError", "MujocoEnv", "RandomPolicy", "make", "make_policy",
+           "PushTEnv", "TwoRoomEnv", "ReacherEnv"]

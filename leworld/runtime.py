@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from envs.base import EnvError
 from leworld import LeworldError
 
 CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
@@ -41,7 +43,7 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
             options = ", ".join(err.options or [])
             raise LeworldError(f"there is no {group}={choice}; choose one of: {options}") from None
         raise LeworldError(f"no config named {name!r} in {CONFIG_DIR}") from None
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
         raise LeworldError("bad override: " + "; ".join(lines)) from None
     OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
@@ -67,7 +69,7 @@ def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[s
             print_help(config_name, load_config(config_name, args[1:]))
         else:
             run(load_config(config_name, args))
-    except LeworldError as err:
+    except (LeworldError, EnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,180 @@
+"""What leworld's MuJoCo environments share: a model built from XML, a fixed number of physics
+steps per action, offscreen pixel rendering, the physical state as one vector that restores the
+simulation exactly, and input checks.
+
+Rendering is offscreen through EGL unless MUJOCO_GL says otherwise (MUJOCO_GL=osmesa for machines
+without EGL); it must be chosen before mujoco is first imported, which this module does. Scenes are
+drawn with flat colours and no shadows, and floors are boxes: MuJoCo draws a plane as a fine grid,
+which made a 64-px frame 40 times slower.
+"""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+# Mesa's software rasteriser (EGL or OSMesa without a GPU) is fastest for small frames when it
+# draws in the calling thread; a GPU driver ignores this.
+os.environ.setdefault("LP_NUM_THREADS", "0")
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class EnvError(ValueError):
+    """A problem with what was asked of an environment (a bad action, state or size), or with the
+    machine's means to render it."""
+
+
+try:  # importing mujoco loads the GL back end that MUJOCO_GL names, which fails on some machines
+    import mujoco  # noqa: E402
+
+    GL_FAILURE = None
+except Exception as err:
+    mujoco = None
+    GL_FAILURE = (f"MuJoCo cannot load its offscreen renderer with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+                  f"({type(err).__name__}: {err}); use MUJOCO_GL=egl (needs libEGL, libegl1 on Debian) or "
+                  "MUJOCO_GL=osmesa (needs libOSMesa, libosmesa6)")
+
+
+# Radians everywhere (MJCF's default unit of angle is the degree); flat colours from an
+# ambient-only headlight, no shadows, no reflections.
+VISUAL = """
+  <compiler angle="radian"/>
+  <visual>
+    <quality shadowsize="0"/>
+    <headlight ambient="1 1 1" diffuse="0 0 0" specular="0 0 0"/>
+    <rgba haze="0 0 0 0"/>
+  </visual>
+"""
+
+
+class MujocoEnv(gym.Env):
+    """Base class. A subclass sets `state_scale` (or leaves it 1) and provides:
+
+        xml()                      the MJCF model, with a camera named "top"
+        sample_state(rng)          an initial physical state for a plain reset
+        apply_action(action)       set controls from a checked action (before the physics steps)
+        success(state, goal)       a pure function of two states
+        proprio(state)             the part of the state the agent senses of itself (or None)
+
+    The state is (qpos, qvel) times `state_scale`: workspace units for planar tasks, radians for
+    joints. `reset(options={"state": s})` restores it exactly, and `options={"goal": g}` sets the
+    goal that `info["success"]` is measured against.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+    physics_dt = 0.01
+    frame_skip = 10  # physics steps per action
+    render_fps = 10
+
+    def __init__(self, image_size: int = 64):
+        if GL_FAILURE:
+            raise EnvError(GL_FAILURE)
+        if not isinstance(image_size, (int, np.integer)) or image_size < 8:
+            raise EnvError(f"image_size must be an integer of at least 8 pixels, not {image_size!r}")
+        self.image_size = int(image_size)
+        self.model = mujoco.MjModel.from_xml_string(self.xml())
+        self.model.opt.timestep = self.physics_dt
+        self.data = mujoco.MjData(self.model)
+        self.state_dim = self.model.nq + self.model.nv
+        self.state_scale = np.broadcast_to(np.asarray(getattr(self, "state_scale", 1.0), dtype=np.float64),
+                                           (self.state_dim,)).copy()
+        self.observation_space = gym.spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
+        self.render_mode = "rgb_array"
+        self.goal_state = None
+        self._renderer = None
+
+    def proprio(self, state: np.ndarray) -> np.ndarray | None:
+        return None
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def get_state(self) -> np.ndarray:
+        return np.concatenate([self.data.qpos, self.data.qvel]) * self.state_scale
+
+    def set_state(self, state) -> None:
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (self.state_dim,) or not np.isfinite(state).all():
+            raise EnvError(f"{type(self).__name__} state must be {self.state_dim} finite numbers, got shape "
+                           f"{state.shape}{'' if np.isfinite(state).all() else ' with NaN or inf'}")
+        mujoco.mj_resetData(self.model, self.data)
+        physical = state / self.state_scale
+        self.data.qpos[:] = physical[: self.model.nq]
+        self.data.qvel[:] = physical[self.model.nq:]
+        mujoco.mj_forward(self.model, self.data)
+
+    # ---- gymnasium API ----------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        state = options.get("state")
+        self.set_state(self.sample_state(self.np_random) if state is None else state)
+        self.goal_state = None if options.get("goal") is None else np.asarray(options["goal"], dtype=np.float64)
+        return self.render(), self._info()
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != self.action_space.shape:
+            raise EnvError(f"{type(self).__name__} takes actions of shape {self.action_space.shape}, got {action.shape}")
+        if not np.isfinite(action).all():
+            raise EnvError(f"{type(self).__name__} got an action with NaN or inf: {action}")
+        self.apply_action(np.clip(action, self.action_space.low, self.action_space.high))
+        mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+        # mj_step leaves body poses (what is drawn) from before its last integration: bring them up
+        # to date, so that a frame shows exactly the state reported with it
+        mujoco.mj_forward(self.model, self.data)
+        info = self._info()
+        return self.render(), float(info.get("success", False)), False, False, info
+
+    def _info(self) -> dict:
+        state = self.get_state()
+        info = {"state": state}
+        proprio = self.proprio(state)
+        if proprio is not None:
+            info["proprio"] = proprio
+        if self.goal_state is not None:
+            info["success"] = bool(self.success(state, self.goal_state))
+        return info
+
+    # ---- pixels -----------------------------------------------------------------------------
+
+    def render(self) -> np.ndarray:
+        """The current frame from the top camera: uint8 (image_size, image_size, 3)."""
+        if self._renderer is None:
+            try:
+                self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
+            except Exception as err:  # the GL back end fails in many ways, none of them the user's code
+                raise EnvError(
+                    f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({err}); use "
+                    "MUJOCO_GL=egl (needs libEGL, libegl1 on Debian) or MUJOCO_GL=osmesa (needs libOSMesa, libosmesa6)"
+                ) from None
+        self._renderer.update_scene(self.data, camera="top")
+        return self._renderer.render()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def wrap_angle(angle):
+    """Angles to (-π, π]."""
+    return np.pi - np.mod(np.pi - angle, 2 * np.pi)
+
+
+class RandomPolicy:
+    """Exploration: smoothed random actions, a_t = ρ·a_{t−1} + √(1 − ρ²)·σ·ε clipped to the action
+    box, so that the agent wanders instead of jittering in place."""
+
+    def __init__(self, rng: np.random.Generator, action_space: gym.spaces.Box, smoothness: float = 0.8,
+                 scale: float = 0.7):
+        self.rng, self.space, self.smoothness, self.scale = rng, action_space, smoothness, scale
+
+    def reset(self, state: np.ndarray) -> None:
+        self.action = np.zeros(self.space.shape)
+
+    def __call__(self, state: np.ndarray) -> np.ndarray:
+        noise = self.rng.normal(0, self.scale, size=self.space.shape)
+        self.action = self.smoothness * self.action + np.sqrt(1 - self.smoothness**2) * noise
+        self.action = np.clip(self.action, self.space.low, self.space.high)
+        return self.action

@@ -1,0 +1,196 @@
+"""Episode datasets and the clips a world model trains on.
+
+A dataset folder (written by `python -m leworld.collect`) holds
+
+    meta.json    env and its config, collection policy and seed, action/state statistics, format
+    tensors/     a tensordict memmap, one row per frame:
+                   pixels  (N, H, W, 3) uint8    the frame seen at that step
+                   action  (N, A) float32        the action taken after seeing it (0 after an episode's last frame)
+                   state   (N, S) float32        the physical state (env.get_state())
+                   proprio (N, P) float32        proprioception, where the env has one
+                   episode (N,) int64, step (N,) int64   episode index and step within it
+
+A clip is T frames taken every `frameskip` steps, t, t+fs, ..., t+(T−1)·fs, and for each kept frame
+the fs raw actions that follow it, concatenated into one action block of fs·A numbers and
+normalised with the dataset's statistics: block k is what moves frame k to frame k+1. A clip never
+crosses an episode boundary.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from tensordict import TensorDict
+from torch import Tensor
+
+from leworld import LeworldError
+
+FORMAT, VERSION = "leworld-dataset", 1
+FLOAT_KEYS = ("action", "state", "proprio")
+
+
+def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
+    """What is wrong with a dataset folder (empty list: nothing). The structural checks read no
+    data; `content=True` also reads the episode indices and checks every number is finite."""
+    root = Path(path)
+    if not root.is_dir():
+        return [f"{root} does not exist"]
+    meta_file = root / "meta.json"
+    if not meta_file.is_file():
+        partial = (root / "episodes").is_dir()
+        return [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with resume=true)"
+                                                 if partial else "it is not a leworld dataset")]
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        return [f"{meta_file} is not valid JSON ({err})"]
+    if meta.get("format") != FORMAT:
+        return [f"{meta_file} does not describe a leworld dataset"]
+    if meta.get("version", 0) > VERSION:
+        return [f"{root} was written by a newer leworld (format {meta['version']}); upgrade leworld"]
+    tensors = root / "tensors"
+    try:
+        layout = json.loads((tensors / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"{tensors} is missing or unreadable ({err})"]
+
+    problems = []
+    n = meta["num_frames"]
+    expected = {"pixels": ("torch.uint8", [n, *meta["image_shape"]]), "episode": ("torch.int64", [n]),
+                "step": ("torch.int64", [n]), "action": ("torch.float32", [n, meta["action_dim"]]),
+                "state": ("torch.float32", [n, meta["state_dim"]])}
+    if meta.get("proprio_dim"):
+        expected["proprio"] = ("torch.float32", [n, meta["proprio_dim"]])
+    for key, (dtype, shape) in expected.items():
+        if key not in layout:
+            problems.append(f"{tensors} has no '{key}'")
+            continue
+        if layout[key]["dtype"] != dtype or layout[key]["shape"] != shape:
+            problems.append(f"'{key}' is {layout[key]['dtype']} {layout[key]['shape']}, meta.json says {dtype} {shape}")
+            continue
+        file = tensors / f"{key}.memmap"
+        size = int(np.prod(shape)) * torch.empty((), dtype=getattr(torch, dtype.split(".")[1])).element_size()
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{file} is {file.stat().st_size} bytes, expected {size} (truncated or overwritten)")
+    if problems or not content:
+        return problems
+
+    td = TensorDict.load_memmap(tensors)
+    episode, step = td["episode"].numpy(), td["step"].numpy()
+    starts = np.flatnonzero(np.diff(episode, prepend=-1))
+    if not np.array_equal(episode[starts], np.arange(len(starts))) or len(starts) != meta["num_episodes"]:
+        problems.append(f"episode indices are not 0..{meta['num_episodes'] - 1} in order")
+    elif not np.array_equal(step, np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))):
+        problems.append("step indices do not count 0, 1, 2, ... within each episode")
+    for key in FLOAT_KEYS:
+        if key in td.keys() and not torch.isfinite(td[key]).all():
+            problems.append(f"'{key}' holds NaN or inf")
+    return problems
+
+
+@dataclass
+class EpisodeDataset:
+    """An opened dataset: its meta.json and its tensors (memory-mapped, or in memory on a device)."""
+
+    path: Path
+    meta: dict
+    tensors: TensorDict
+    episode_starts: np.ndarray  # (E,) first frame of each episode
+    episode_lengths: np.ndarray  # (E,) frames in each episode
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EpisodeDataset":
+        problems = dataset_problems(path)
+        if problems:
+            raise LeworldError(f"dataset {path}: {problems[0]}; verify it with python -m leworld.collect verify path={path}")
+        root = Path(path)
+        meta = json.loads((root / "meta.json").read_text())
+        tensors = TensorDict.load_memmap(root / "tensors")
+        lengths = np.asarray(meta["episode_lengths"])
+        return cls(root, meta, tensors, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_lengths)
+
+    def to(self, device: str | torch.device) -> "EpisodeDataset":
+        """The whole dataset loaded into memory on `device` (uint8 pixels), so that clips are
+        gathered there without touching the disk."""
+        tensors = self.tensors.apply(lambda t: torch.as_tensor(t).clone().to(device))
+        return EpisodeDataset(self.path, self.meta, tensors, self.episode_starts, self.episode_lengths)
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held-out) episode indices: a seeded random split by whole episodes."""
+        order = np.random.default_rng(seed).permutation(self.num_episodes)
+        n_val = int(round(val_fraction * self.num_episodes))
+        if val_fraction > 0 and n_val == 0 or n_val >= self.num_episodes:
+            raise LeworldError(f"a held-out fraction of {val_fraction} of {self.num_episodes} episodes leaves a split empty")
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def normalise_actions(self, actions: Tensor) -> Tensor:
+        stats = self.meta["stats"]["action"]
+        mean = actions.new_tensor(stats["mean"])
+        std = actions.new_tensor(stats["std"]).clamp_min(1e-6)
+        return (actions - mean) / std
+
+    def denormalise_actions(self, actions: Tensor) -> Tensor:
+        stats = self.meta["stats"]["action"]
+        return actions * actions.new_tensor(stats["std"]).clamp_min(1e-6) + actions.new_tensor(stats["mean"])
+
+
+class ClipSampler:
+    """Clips of `num_frames` frames `frameskip` steps apart from the given episodes.
+
+    sample(B) draws B clips at random; epoch(B) goes once through every clip (all start frames)
+    in a random order. Both return a dict:
+        pixels  (B, T, 3, H, W) uint8
+        actions (B, T, fs·A) float32, normalised; block k moves frame k to frame k+1
+        state   (B, T, S) float32, and proprio (B, T, P) where the dataset has it
+    Gathering runs where the dataset's tensors are: on a GPU after dataset.to("cuda").
+    """
+
+    def __init__(self, dataset: EpisodeDataset, episodes: np.ndarray, num_frames: int, frameskip: int, seed: int = 0):
+        self.dataset, self.num_frames, self.frameskip = dataset, num_frames, frameskip
+        span = num_frames * frameskip  # frames t .. t+span-1 must lie in one episode (the last block's actions too)
+        starts = [np.arange(s, s + length - span) for s, length in
+                  zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes]) if length > span]
+        if not starts:
+            raise LeworldError(f"no episode of {dataset.path} is longer than {num_frames} frames x frameskip {frameskip}")
+        device = dataset.tensors.device or torch.device("cpu")
+        self.starts = torch.as_tensor(np.concatenate(starts), device=device)  # (C,) first frame of every clip
+        self.frame_offsets = torch.arange(num_frames, device=device) * frameskip  # (T,)
+        self.action_offsets = torch.arange(span, device=device)  # (T·fs,)
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def clips(self, starts: Tensor) -> dict[str, Tensor]:
+        td = self.dataset.tensors
+        frames = starts[:, None] + self.frame_offsets  # (B, T)
+        pixels = td["pixels"][frames.flatten()]  # (B·T, H, W, 3)
+        raw_actions = td["action"][(starts[:, None] + self.action_offsets).flatten()]  # (B·T·fs, A)
+        batch = {
+            "pixels": rearrange(pixels, "(b t) h w c -> b t c h w", b=len(starts)),
+            "actions": rearrange(self.dataset.normalise_actions(raw_actions), "(b t k) a -> b t (k a)",
+                                 b=len(starts), k=self.frameskip),
+            "state": rearrange(td["state"][frames.flatten()], "(b t) s -> b t s", b=len(starts)),
+        }
+        if "proprio" in td.keys():
+            batch["proprio"] = rearrange(td["proprio"][frames.flatten()], "(b t) p -> b t p", b=len(starts))
+        return batch
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        index = torch.randint(len(self.starts), (batch_size,), generator=self.generator, device=self.starts.device)
+        return self.clips(self.starts[index])
+
+    def epoch(self, batch_size: int):
+        """Every clip once, in a random order, in full batches."""
+        order = torch.randperm(len(self.starts), generator=self.generator, device=self.starts.device)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield self.clips(self.starts[order[i:i + batch_size]])

@@ -1,5 +1,6 @@
 """Collect a dataset of pixel rollouts:  python -m leworld.collect env=pusht [key=value ...]
 Check one:                             python -m leworld.collect verify path=data/pusht-cpu
+See what a model will see:             python -m leworld.collect preview env=pusht out=pusht.png
 
 Worker processes roll out the environment's scripted policies (a noisy expert, and random
 exploration for a `expert_fraction` share of the episodes) and write each finished episode to its
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from tqdm import tqdm
@@ -183,9 +185,26 @@ def verify(cfg: DictConfig) -> None:
           f"of {'x'.join(map(str, meta['image_shape']))}")
 
 
+def preview(cfg: DictConfig) -> Path:
+    """A PNG strip of frames from one expert episode, at the dataset's image size (each pixel drawn
+    as a 3 x 3 block so that small frames can be seen)."""
+    env = envs.make(cfg.env.name, **env_kwargs(cfg.env))
+    rng = np.random.default_rng(cfg.seed)
+    episode = record_episode(env, envs.make_policy(cfg.env.name, env, rng, expert=True, noise=cfg.noise),
+                             cfg.episode_length, seed=cfg.seed)
+    frames = episode["pixels"][:: max(1, cfg.episode_length // 8)][:8]
+    strip = np.concatenate([np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in frames], axis=1)
+    out = Path(cfg.out or f"{cfg.env.name}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(strip.repeat(3, 0).repeat(3, 1)).save(out)
+    print(f"wrote {out}: {len(frames)} frames of an expert episode, every {cfg.episode_length // 8} steps")
+    return out
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "verify":
-        run_main("collect", verify, sys.argv[2:])
+    verbs = {"verify": verify, "preview": preview}
+    if len(sys.argv) > 1 and sys.argv[1] in verbs:
+        run_main("collect", verbs[sys.argv[1]], sys.argv[2:])
     else:
         run_main("collect", collect)
 

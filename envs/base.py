@@ -47,6 +47,21 @@ VISUAL = """
 """
 
 
+def arena_xml(centre: float, half: float, wall: float = 0.0) -> str:
+    """Worldbody XML of a square arena seen from above, in MuJoCo units: an orthographic camera
+    named "top" framing [centre ± half]², a floor (a thin box: MuJoCo draws planes as fine grids,
+    40 times slower here), and, if `wall` > 0, walls of that thickness just inside the edges."""
+    c, w = centre, wall
+    xml = f"""
+    <camera name="top" pos="{c} {c} 10" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="{2 * half}"/>
+    <geom type="box" pos="{c} {c} -0.3" size="{half} {half} 0.01" rgba=".94 .94 .94 1" contype="0" conaffinity="0"/>"""
+    for x, y, sx, sy in [(c - half + w, c, w, half), (c + half - w, c, w, half),
+                         (c, c - half + w, half, w), (c, c + half - w, half, w)] if wall else []:
+        xml += f"""
+    <geom type="box" pos="{x} {y} 0" size="{sx} {sy} 0.2" rgba=".2 .2 .2 1"/>"""
+    return xml
+
+
 class MujocoEnv(gym.Env):
     """Base class. A subclass sets `state_scale` (or leaves it 1) and provides:
 

@@ -17,7 +17,7 @@ position and velocity.
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import VISUAL, MujocoEnv, wrap_angle
+from envs.base import VISUAL, MujocoEnv, arena_xml, wrap_angle
 
 WORKSPACE = 512.0
 UNIT = 100.0  # workspace units per MuJoCo length unit (MuJoCo cameras see at most 180 units)
@@ -61,7 +61,7 @@ class PushTEnv(MujocoEnv):
         depend on the unit of length; friction loss is a force, and turning takes damping in
         proportion to the squared radius of gyration, so the block decays alike in all three axes."""
         u = lambda v: v / UNIT  # noqa: E731
-        half, wall, gyration = u(WORKSPACE / 2), u(5.0), u(GYRATION)
+        gyration = u(GYRATION)
         lin = f'damping="{self.block_damping}" frictionloss="{u(self.block_friction_loss)}"'
         ang = f'damping="{self.block_damping * gyration**2}" frictionloss="{u(self.block_friction_loss) * gyration}"'
         return f"""
@@ -69,13 +69,7 @@ class PushTEnv(MujocoEnv):
   <option gravity="0 0 0" integrator="implicitfast"/>
   {VISUAL}
   <default><geom friction="1 0.005 0.0001" solref="0.02 1"/></default>
-  <worldbody>
-    <camera name="top" pos="{half} {half} 10" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="{2 * half}"/>
-    <geom type="box" pos="{half} {half} -0.3" size="{half} {half} 0.01" rgba=".94 .94 .94 1" contype="0" conaffinity="0"/>
-    <geom type="box" pos="{wall} {half} 0" size="{wall} {half} 0.2" rgba=".2 .2 .2 1"/>
-    <geom type="box" pos="{2 * half - wall} {half} 0" size="{wall} {half} 0.2" rgba=".2 .2 .2 1"/>
-    <geom type="box" pos="{half} {wall} 0" size="{half} {wall} 0.2" rgba=".2 .2 .2 1"/>
-    <geom type="box" pos="{half} {2 * half - wall} 0" size="{half} {wall} 0.2" rgba=".2 .2 .2 1"/>
+  <worldbody>{arena_xml(u(WORKSPACE / 2), u(WORKSPACE / 2), wall=u(5.0))}
     <body name="agent">
       <joint name="agent_x" type="slide" axis="1 0 0" damping="20"/>
       <joint name="agent_y" type="slide" axis="0 1 0" damping="20"/>

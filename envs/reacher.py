@@ -11,7 +11,7 @@ State (4): shoulder and elbow angles, then their velocities. Proprioception: the
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import VISUAL, MujocoEnv, wrap_angle
+from envs.base import VISUAL, MujocoEnv, arena_xml, wrap_angle
 
 ELBOW_LIMIT = 2.8
 SUCCESS_ANGLE = 0.05
@@ -33,9 +33,7 @@ class ReacherEnv(MujocoEnv):
   <option gravity="0 0 0" integrator="implicitfast"/>
   {VISUAL}
   <default><geom contype="0" conaffinity="0"/></default>
-  <worldbody>
-    <camera name="top" pos="0 0 2" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="0.6"/>
-    <geom type="box" pos="0 0 -0.05" size="0.3 0.3 0.01" rgba=".94 .94 .94 1"/>
+  <worldbody>{arena_xml(0.0, 0.3)}
     <geom type="cylinder" pos="0 0 0" size="0.02 0.01" rgba=".2 .2 .2 1"/>
     <body name="upper_arm">
       <joint name="shoulder" type="hinge" axis="0 0 1" {joint}/>

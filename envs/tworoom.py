@@ -11,7 +11,7 @@ State (4): agent x, y, vx, vy. Proprioception: the same.
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import VISUAL, MujocoEnv
+from envs.base import VISUAL, MujocoEnv, arena_xml
 
 ARENA = 224.0
 UNIT = 100.0  # workspace units per MuJoCo length unit
@@ -34,7 +34,7 @@ class TwoRoomEnv(MujocoEnv):
 
     def xml(self) -> str:
         u = lambda v: v / UNIT  # noqa: E731
-        half, border = u(ARENA / 2), u(BORDER)
+        half = u(ARENA / 2)
         wall_x, wall_half = u(sum(WALL_X) / 2), u((WALL_X[1] - WALL_X[0]) / 2)
         lower_half, upper_half = u(DOOR_Y[0] / 2), u((ARENA - DOOR_Y[1]) / 2)
         wall = 'rgba=".2 .2 .2 1"'
@@ -42,13 +42,7 @@ class TwoRoomEnv(MujocoEnv):
 <mujoco model="tworoom">
   <option gravity="0 0 0" integrator="implicitfast"/>
   {VISUAL}
-  <worldbody>
-    <camera name="top" pos="{half} {half} 10" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="{2 * half}"/>
-    <geom type="box" pos="{half} {half} -0.3" size="{half} {half} 0.01" rgba=".94 .94 .94 1" contype="0" conaffinity="0"/>
-    <geom type="box" pos="{border} {half} 0" size="{border} {half} 0.2" {wall}/>
-    <geom type="box" pos="{2 * half - border} {half} 0" size="{border} {half} 0.2" {wall}/>
-    <geom type="box" pos="{half} {border} 0" size="{half} {border} 0.2" {wall}/>
-    <geom type="box" pos="{half} {2 * half - border} 0" size="{half} {border} 0.2" {wall}/>
+  <worldbody>{arena_xml(half, half, wall=u(BORDER))}
     <geom type="box" pos="{wall_x} {lower_half} 0" size="{wall_half} {lower_half} 0.2" {wall}/>
     <geom type="box" pos="{wall_x} {2 * half - upper_half} 0" size="{wall_half} {upper_half} 0.2" {wall}/>
     <body name="agent">

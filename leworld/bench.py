@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,12 +131,9 @@ def _sync(device: torch.device) -> None:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
+    cpu = found.group(1) if found else platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

@@ -163,8 +163,8 @@ def collect(cfg: DictConfig) -> Path:
             "episode_length": cfg.episode_length, "folder": str(episodes_dir)}
     if todo:
         with mp.get_context("spawn").Pool(cfg.workers, _start_worker, (cfg.env.name, kwargs, spec)) as pool:
-            for _ in tqdm(pool.imap_unordered(_collect_one, todo), total=len(todo), desc="episodes", dynamic_ncols=True):
-                pass
+            finished = pool.imap_unordered(_collect_one, todo)
+            list(tqdm(finished, total=len(todo), desc="episodes", dynamic_ncols=True))
 
     files = [episodes_dir / EPISODE_FILE.format(i) for i in range(cfg.episodes)]
     meta = {"env": {"name": cfg.env.name, "id": envs.IDS[cfg.env.name], "kwargs": kwargs},

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("LEWORLD_VENV", ROOT / ".venv"))
 TORCH = "torch==2.13.0"  # keep equal to the pin in pyproject.toml
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-MAIN = ["-m", "leworld.pretrain"]
+MAIN = ["-m", "leworld.train", "env=pusht"]
 TEST = ["-m", "pytest"]
 
 

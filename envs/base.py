@@ -77,6 +77,8 @@ class MujocoEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"]}
+    state_names: list[str] = []  # one per state entry, for tables and probes
+    angle_dims: tuple[int, ...] = ()  # entries that are angles
     physics_dt = 0.01
     frame_skip = 10  # physics steps per action
     render_fps = 10

@@ -47,6 +47,9 @@ GYRATION = np.sqrt(
 
 
 class PushTEnv(MujocoEnv):
+    state_names = ["agent_x", "agent_y", "block_x", "block_y", "block_angle",
+                   "agent_vx", "agent_vy", "block_vx", "block_vy", "block_spin"]
+    angle_dims = (4,)  # compared modulo 2π
     physics_dt = 0.01
     frame_skip = 10
     state_scale = [UNIT] * 4 + [1.0] + [UNIT] * 4 + [1.0]  # MuJoCo units to workspace units

@@ -18,6 +18,8 @@ SUCCESS_ANGLE = 0.05
 
 
 class ReacherEnv(MujocoEnv):
+    state_names = ["shoulder", "elbow", "shoulder_velocity", "elbow_velocity"]
+    angle_dims = (0, 1)  # compared modulo 2π
     physics_dt = 0.01
     frame_skip = 5
     render_fps = 20

@@ -24,6 +24,8 @@ SUCCESS_DISTANCE = 16.0
 
 
 class TwoRoomEnv(MujocoEnv):
+    state_names = ["x", "y", "vx", "vy"]
+    angle_dims = ()
     physics_dt = 0.01
     frame_skip = 10
     state_scale = UNIT

@@ -8,9 +8,11 @@ so a crash while saving leaves the previous checkpoint intact.
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -73,3 +75,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def select(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The tensors under `prefix.`, with the prefix removed (a submodule's state dict)."""
     return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+
+
+# ---- training state: optimizer and random generators as tensors + JSON ---------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """An optimizer's state as flat tensors ("<param index>.<key>") and JSON (its param groups)."""
+    state = optimizer.state_dict()
+    tensors, numbers = {}, {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            (tensors if torch.is_tensor(value) else numbers)[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "numbers": numbers}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], saved: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *saved["numbers"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict]:
+    """The torch (CPU and CUDA), NumPy and Python generators' states."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return tensors, {"numpy": [kind, position, has_gauss, gauss], "python": random.getstate()}
+
+
+def restore_rng(tensors: dict[str, Tensor], saved: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    kind, position, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))

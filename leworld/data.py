@@ -146,8 +146,8 @@ class EpisodeDataset:
 class ClipSampler:
     """Clips of `num_frames` frames `frameskip` steps apart from the given episodes.
 
-    sample(B) draws B clips at random; epoch(B) goes once through every clip (all start frames)
-    in a random order. Both return a dict:
+    sample(B) draws B clips at random; epoch(B, seed) goes once through every clip (all start
+    frames) in an order fixed by the seed, so that a resumed run can pick up mid-epoch. Both give:
         pixels  (B, T, 3, H, W) uint8
         actions (B, T, fs·A) float32, normalised; block k moves frame k to frame k+1
         state   (B, T, S) float32, and proprio (B, T, P) where the dataset has it
@@ -189,8 +189,17 @@ class ClipSampler:
         index = torch.randint(len(self.starts), (batch_size,), generator=self.generator, device=self.starts.device)
         return self.clips(self.starts[index])
 
-    def epoch(self, batch_size: int):
-        """Every clip once, in a random order, in full batches."""
-        order = torch.randperm(len(self.starts), generator=self.generator, device=self.starts.device)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield self.clips(self.starts[order[i:i + batch_size]])
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return len(self.starts) // batch_size
+
+    def epoch(self, batch_size: int, seed: int, skip: int = 0, shard: tuple[int, int] = (0, 1)):
+        """Every clip once, in full batches, in the order `seed` fixes, leaving out the first `skip`
+        batches. With shard=(rank, world_size), the order is cut into global batches of
+        batch_size·world_size clips and this process gets its part of each."""
+        rank, world_size = shard
+        generator = torch.Generator(self.starts.device).manual_seed(seed)
+        order = torch.randperm(len(self.starts), generator=generator, device=self.starts.device)
+        global_batch = batch_size * world_size
+        for i in range(skip, self.batches_per_epoch(global_batch)):
+            first = i * global_batch + rank * batch_size
+            yield self.clips(self.starts[order[first:first + batch_size]])

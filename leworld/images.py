@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from leworld import LeworldError
+from leworld.data import EpisodeDataset
 from leworld.runtime import require
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -209,6 +210,13 @@ def make_shapes(per_class: int = 500, size: int = 32, seed: int = 0) -> ImageSet
     return ImageSet(images[order], labels[order], list(SHAPES), f"generated shapes ({len(SHAPES)} classes, {size} px)")
 
 
+def load_dataset_frames(path: str) -> ImageSet:
+    """The frames of a leworld dataset (python -m leworld.collect), memory-mapped, without labels."""
+    dataset = EpisodeDataset.open(path)
+    return ImageSet(dataset.tensors["pixels"].numpy(), None, None,
+                    f"frames of {dataset.meta['env']['name']} dataset {path}")
+
+
 def load_image_set(cfg) -> ImageSet:
     """The image set a `data` config (configs/data/*.yaml) describes."""
     if cfg.kind == "shapes":
@@ -219,4 +227,6 @@ def load_image_set(cfg) -> ImageSet:
     if cfg.kind == "array":
         return load_array(require(cfg, "path", "data.path is required: data=array data.path=<file.npy or file.npz>"),
                           cfg.images_key, cfg.labels_key, cfg.labels_path)
-    raise LeworldError(f"data.kind={cfg.kind!r} is unknown; use data=shapes, data=folder or data=array")
+    if cfg.kind == "dataset":
+        return load_dataset_frames(require(cfg, "path", "data.path is required: data=dataset data.path=<dataset folder>"))
+    raise LeworldError(f"data.kind={cfg.kind!r} is unknown; use data=shapes, folder, array or dataset")

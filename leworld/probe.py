@@ -1,16 +1,27 @@
-"""Probes: how much a frozen encoder's features tell about labels.
+"""Probes: how much a frozen encoder's features tell.
 
-A linear probe (LayerNorm, then a linear classifier fit by L-BFGS) and a k-NN classifier
+Images: a linear probe (LayerNorm, then a linear classifier fit by L-BFGS) and a k-NN classifier
 (cosine similarity, temperature-weighted votes, as in DINO) on features of held-out images.
+World models (python -m leworld.probe ckpt=<run>): a linear probe from latents to the physical
+state on held-out frames, and the error of imagined rollouts against "nothing changes".
 """
+
+import json
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from envs import ENVS
+from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
-from leworld.runtime import autocast
+from leworld.checkpoint import resolve_path
+from leworld.data import ClipSampler, EpisodeDataset
+from leworld.models.lewm import LeWorldModel
+from leworld.runtime import autocast, pick_device, require, run_main
 
 
 @torch.no_grad()
@@ -61,3 +72,124 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
         votes = torch.zeros(len(top_sim), num_classes).scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
         correct += (votes.argmax(1) == val_y[start:start + chunk]).sum().item()
     return correct / len(val_x)
+
+
+# ---- world models ---------------------------------------------------------------------------
+
+
+def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, ridge: float) -> Tensor:
+    """R² per target column of a ridge regression fit on (train_x, train_y), scored on val."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    features = lambda x: torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # noqa: E731
+    a, v = features(train_x), features(val_x)
+    weights = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ train_y)
+    residual = ((v @ weights - val_y) ** 2).sum(0)
+    return 1 - residual / ((val_y - val_y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+
+
+def state_targets(state: Tensor, names: list[str], angle_dims: tuple[int, ...]) -> tuple[Tensor, list[str]]:
+    """State (N, S) -> regression targets, angles as their cosine and sine, and their names."""
+    columns, labels = [], []
+    for i, name in enumerate(names):
+        if i in angle_dims:
+            columns += [state[:, i].cos(), state[:, i].sin()]
+            labels += [f"{name}.cos", f"{name}.sin"]
+        else:
+            columns.append(state[:, i])
+            labels.append(name)
+    return torch.stack(columns, 1), labels
+
+
+@torch.no_grad()
+def encode_frames(model, dataset, episodes: np.ndarray, limit: int, device: torch.device, seed: int,
+                  batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Latents (N, D) and states (N, S) of up to `limit` frames of the given episodes, on the CPU."""
+    rows = np.concatenate([np.arange(s, s + n) for s, n in
+                           zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes])])
+    rows = np.sort(np.random.default_rng(seed).permutation(rows)[:limit])
+    latents = []
+    for i in range(0, len(rows), batch_size):
+        pixels = dataset.tensors["pixels"][torch.as_tensor(rows[i:i + batch_size])].to(device)
+        with autocast(device):
+            latents.append(model.encode(rearrange(pixels, "n h w c -> n 1 c h w"))[:, 0].float().cpu())
+    return torch.cat(latents), dataset.tensors["state"][torch.as_tensor(rows)].cpu()
+
+
+@torch.no_grad()
+def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: int, device: torch.device,
+                   seed: int) -> dict[str, list[float]]:
+    """Mean squared latent error of imagined rollouts at horizons 1..H from `history` real frames,
+    and of the baseline that predicts no change (the last real latent), on held-out clips."""
+    sampler = ClipSampler(dataset, episodes, model.history + horizon, model.frameskip, seed=seed)
+    batch = sampler.sample(clips)
+    latents, predicted = [], []
+    for i in range(0, clips, 64):
+        pixels = batch["pixels"][i:i + 64].to(device)
+        actions = batch["actions"][i:i + 64].to(device)
+        with autocast(device):
+            z = model.encode(pixels).float()  # (b, history + H, D)
+            context = z[:, :model.history]
+            imagined = model.rollout(context, actions[:, model.history - 1:model.history - 1 + horizon],
+                                     actions[:, :model.history - 1]).float()
+        latents.append(z.cpu())
+        predicted.append(imagined.cpu())
+    z, imagined = torch.cat(latents), torch.cat(predicted)
+    future = z[:, model.history:]  # (N, H, D)
+    model_error = (imagined - future).square().mean((0, 2))
+    still_error = (z[:, model.history - 1:model.history] - future).square().mean((0, 2))
+    return {"model": model_error.tolist(), "no_change": still_error.tolist()}
+
+
+def probe_world_model(model, dataset, train_episodes, val_episodes, spec, seed: int, device, say=print) -> dict:
+    """How much the latents know: a linear probe to the physical state on held-out frames, for the
+    trained encoder and for the same encoder at random initialisation, and the rollout error
+    against "nothing changes". spec: frames, clips, horizon, ridge (configs/probe.yaml)."""
+    env_class = ENVS[dataset.meta["env"]["name"]]
+    torch.manual_seed(seed)
+    untrained = type(model)(model.cfg, model.action_dim).to(device).eval()
+    r2 = {}
+    for name, net in [("trained", model), ("random_init", untrained)]:
+        train_x, train_state = encode_frames(net, dataset, train_episodes, spec.frames, device, seed)
+        val_x, val_state = encode_frames(net, dataset, val_episodes, spec.frames, device, seed + 1)
+        train_y, labels = state_targets(train_state.double(), env_class.state_names, env_class.angle_dims)
+        val_y, _ = state_targets(val_state.double(), env_class.state_names, env_class.angle_dims)
+        r2[name] = dict(zip(labels, ridge_r2(train_x.double(), train_y, val_x.double(), val_y, spec.ridge).tolist()))
+    errors = rollout_errors(model, dataset, val_episodes, spec.clips, spec.horizon, device, seed)
+    results = {"r2": r2, "rollout": errors, "frames": {"train": len(train_x), "held_out": len(val_x)}}
+
+    say(f"linear probe from latents to the state, R² on {len(val_x)} held-out frames:")
+    say(f"  {'':24} {'trained':>9} {'random init':>12}")
+    for label in r2["trained"]:
+        say(f"  {label:24} {r2['trained'][label]:>9.3f} {r2['random_init'][label]:>12.3f}")
+    say(f"imagined rollouts, latent MSE on {spec.clips} held-out clips (lower is better):")
+    say("  blocks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
+    say("  world model             " + "".join(f"{e:>9.3f}" for e in errors["model"]))
+    say("  nothing changes         " + "".join(f"{e:>9.3f}" for e in errors["no_change"]))
+    return results
+
+
+def probe(cfg: DictConfig) -> dict:
+    """python -m leworld.probe ckpt=<run folder or checkpoint>: probe a trained world model on the
+    held-out episodes of its dataset (the split it was trained with), and write probe.json beside
+    the checkpoint."""
+    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.probe ckpt=<run folder or checkpoint>"))
+    device = pick_device(cfg.device)
+    model = LeWorldModel.from_checkpoint(path, device)
+    trained = model.train_config
+    dataset = EpisodeDataset.open(cfg.data_path or trained["data"]["path"])
+    if dataset.meta["env"]["name"] != trained["env"]["name"]:
+        raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data but {path} is a "
+                           f"{trained['env']['name']} world model; pass data_path=<a {trained['env']['name']} dataset>")
+    train_episodes, val_episodes = dataset.split(trained["data"]["val_fraction"], trained["seed"])
+    results = probe_world_model(model, dataset, train_episodes, val_episodes, cfg.probe, trained["seed"], device)
+    (path.parent / "probe.json").write_text(json.dumps(results, indent=1))
+    print(f"saved {path.parent / 'probe.json'}")
+    return results
+
+
+def main() -> None:
+    run_main("probe", probe)
+
+
+if __name__ == "__main__":
+    main()

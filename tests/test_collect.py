@@ -74,8 +74,10 @@ def test_clips_stay_inside_one_episode_and_an_epoch_sees_each_once(dataset_path)
     frames = sampler.starts[:, None] + sampler.frame_offsets
     assert (episode[frames] == episode[frames[:, :1]]).all()
     assert set(episode[sampler.starts].tolist()) == set(train.tolist())
-    seen = torch.cat([batch["pixels"][:, 0].flatten(1) for batch in sampler.epoch(5)])
-    assert len(seen) == len(sampler)
+    starts = torch.cat([batch["state"][:, 0] for batch in sampler.epoch(5, seed=0)])
+    assert len(starts) == len(sampler) == 15 and len(torch.unique(starts, dim=0)) == 15  # each clip once
+    resumed = torch.cat([batch["state"][:, 0] for batch in sampler.epoch(5, seed=0, skip=1)])
+    assert torch.equal(resumed, starts[5:])  # picking up mid-epoch gives the rest of the same order
     # the whole set of normalised actions has zero mean and unit spread
     normalised = ds.normalise_actions(ds.tensors["action"][ds.tensors["step"] < 24])
     torch.testing.assert_close(normalised.mean(0), torch.zeros(2), atol=1e-4, rtol=0)

@@ -1,0 +1,221 @@
+"""Train a world model from pixel rollouts:  python -m leworld.train env=pusht [key=value ...]
+
+The run collects the environment's dataset first if it is missing, trains LeWorldModel on clips
+of `history + 1` frames (next-latent prediction + λ·SIGReg, nothing else), checks held-out losses
+as it goes, saves checkpoints it can resume from (resume=true run_dir=...), and finally probes
+what the latents learned (leworld/probe.py). Under torchrun every process trains on its own clips
+of one global batch (SIGReg is exact over it); the first process alone logs and saves.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from leworld import LeworldError
+from leworld.checkpoint import (FILENAME, load_checkpoint, optimizer_state, restore_optimizer, restore_rng,
+                                rng_state, save_checkpoint, select)
+from leworld.collect import collect
+from leworld.data import ClipSampler, EpisodeDataset
+from leworld.models.lewm import LeWorldModel, load_weights
+from leworld.optim import adamw, warmup_cosine
+from leworld.probe import probe_world_model
+from leworld.runtime import (Processes, RunLog, autocast, load_config, new_run_dir, run_main, seed_everything,
+                             start_processes, stop_processes)
+
+
+def ensure_dataset(cfg: DictConfig, procs: Processes) -> Path:
+    """The dataset at data.path; collected first (by the first process) when it does not exist."""
+    path = Path(cfg.data.path)
+    if procs.is_main and not (path / "meta.json").exists():
+        if path.exists() and not (path / "episodes").is_dir():
+            raise LeworldError(f"data.path={path} exists but holds no dataset; point data.path at one or remove it")
+        print(f"no dataset at {path} yet: collecting it first (python -m leworld.collect env={cfg.env.name} "
+              f"scale={cfg.scale})")
+        collect_cfg = load_config("collect", [f"env={cfg.env.name}", f"scale={cfg.scale}", f"path={path}",
+                                              f"resume={path.exists()}"])
+        collect_cfg.env = cfg.env  # this run's env settings, overrides included
+        collect(collect_cfg)
+    if procs.world_size > 1:
+        dist.barrier()  # the other processes wait for the collection
+    return path
+
+
+def build_model(cfg: DictConfig, action_dim: int) -> LeWorldModel:
+    """The world model of cfg.model; with model.encoder.init, its backbone starts from an image
+    pretraining checkpoint (whose backbone config then replaces model.encoder.backbone)."""
+    init = cfg.model.encoder.init
+    if init is not None:
+        ckpt = load_checkpoint(init)
+        if ckpt.info.get("kind") != "pretrain":
+            raise LeworldError(f"model.encoder.init={init} is a {ckpt.info.get('kind')} checkpoint, not an image pretraining one")
+        backbone = {k: v for k, v in ckpt.config["backbone"].items() if k != "weight_decay"}
+        OmegaConf.update(cfg, "model.encoder.backbone", backbone, merge=False)
+    model = LeWorldModel(cfg.model, action_dim)
+    if init is not None:
+        load_weights(model.backbone, select(ckpt.tensors, "backbone"), init)
+    return model
+
+
+@torch.no_grad()
+def validate(model: LeWorldModel, batches: list[dict], device: torch.device) -> dict[str, float]:
+    """Mean held-out losses over fixed batches (SIGReg's directions do not advance in eval mode)."""
+    model.eval()
+    totals = {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}
+    for batch in batches:
+        with autocast(device):
+            out = model.loss({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        for key in totals:
+            totals[key] += float(out[key]) / len(batches)
+    model.train()
+    return {f"val_{key}": value for key, value in totals.items()}
+
+
+def save_state(path: Path, model: LeWorldModel, optimizer, schedule, cfg: DictConfig, dataset: EpisodeDataset,
+               step: int, epoch: int, batch_in_epoch: int) -> None:
+    """Weights, optimizer, random generators and the position in the data: all a resume needs."""
+    optim_tensors, optim_json = optimizer_state(optimizer)
+    rng_tensors, rng_json = rng_state()
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+               **{f"optimizer.{k}": v for k, v in optim_tensors.items()},
+               **{f"rng.{k}": v for k, v in rng_tensors.items()}}
+    dataset_info = {"path": str(dataset.path), "env": dataset.meta["env"], "image_shape": dataset.meta["image_shape"],
+                    "stats": dataset.meta["stats"]}
+    save_checkpoint(path, tensors, OmegaConf.to_container(cfg, resolve=True), kind="world_model", step=step,
+                    epoch=epoch, batch_in_epoch=batch_in_epoch, action_dim=model.action_dim, dataset=dataset_info,
+                    optimizer=optim_json, schedule=schedule.state_dict(), rng=rng_json)
+
+
+def train(cfg: DictConfig) -> dict:
+    resume_from = None
+    if cfg.resume:
+        if cfg.run_dir is None:
+            raise LeworldError("resume=true needs run_dir=<the folder of the run to continue>")
+        resume_from = load_checkpoint(cfg.run_dir)
+        if resume_from.info.get("kind") != "world_model":
+            raise LeworldError(f"{resume_from.path} is not a world-model training checkpoint")
+        cfg = OmegaConf.create(resume_from.config)  # the run continues exactly as it was configured
+        OmegaConf.set_struct(cfg, True)
+    procs = start_processes(cfg.device)
+    device = procs.device
+    seed_everything(cfg.seed)  # the same initial weights on every process
+
+    dataset = EpisodeDataset.open(ensure_dataset(cfg, procs))
+    if dataset.meta["env"]["name"] != cfg.env.name:
+        raise LeworldError(f"data.path={dataset.path} holds {dataset.meta['env']['name']} data, not {cfg.env.name}")
+    if cfg.data.on_device and device.type == "cuda":
+        dataset = dataset.to(device)
+    train_episodes, val_episodes = dataset.split(cfg.data.val_fraction, cfg.seed)
+    frames, frameskip = cfg.model.history + 1, cfg.model.frameskip
+    train_clips = ClipSampler(dataset, train_episodes, frames, frameskip)
+    val_batches = [ClipSampler(dataset, val_episodes, frames, frameskip, seed=cfg.seed).sample(cfg.train.batch_size)
+                   for _ in range(cfg.train.val_batches)]
+
+    model = build_model(cfg, dataset.meta["action_dim"]).to(device)
+    if procs.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model) if procs.world_size > 1 else model
+    per_epoch = train_clips.batches_per_epoch(cfg.train.batch_size * procs.world_size)
+    if per_epoch == 0:
+        raise LeworldError(f"{len(train_clips)} training clips make no batch of {cfg.train.batch_size} x "
+                           f"{procs.world_size} processes; lower train.batch_size or collect more episodes")
+    total_steps = max(1, math.ceil(cfg.train.epochs * per_epoch))
+    optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
+    schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        load_weights(model, select(resume_from.tensors, "model"), resume_from.path)
+        restore_optimizer(optimizer, select(resume_from.tensors, "optimizer"), resume_from.info["optimizer"])
+        restore_rng(select(resume_from.tensors, "rng"), resume_from.info["rng"])
+        step, epoch, batch_in_epoch = (resume_from.info[k] for k in ("step", "epoch", "batch_in_epoch"))
+        schedule.load_state_dict(resume_from.info["schedule"])
+
+    run_dir = (Path(cfg.run_dir) if resume_from else new_run_dir(cfg.run_dir, "train")) if procs.is_main else None
+    log = RunLog(run_dir, cfg, enabled=procs.is_main)
+    parameters = sum(p.numel() for p in model.parameters())
+    log.print(f"{'resuming at step ' + str(step) + ' of ' if resume_from else ''}{cfg.model.name} world model, "
+              f"{parameters / 1e6:.1f}M parameters, on {device}{f' x {procs.world_size}' if procs.world_size > 1 else ''}; "
+              f"{dataset.path}: {len(train_episodes)} training / {len(val_episodes)} held-out episodes, "
+              f"{len(train_clips)} clips of {frames} frames every {frameskip} steps; {total_steps} steps "
+              f"({cfg.train.epochs} epochs of {per_epoch}); run folder {run_dir}")
+
+    def save() -> None:
+        if procs.is_main:
+            save_state(run_dir / FILENAME, model, optimizer, schedule, cfg, dataset, step, epoch, batch_in_epoch)
+
+    sums, window, first_loss, start = {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}, 0, None, time.perf_counter()
+    start_step, metrics = step, {}
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not procs.is_main, dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            order = train_clips.epoch(cfg.train.batch_size, seed=cfg.seed * 100_003 + epoch, skip=batch_in_epoch,
+                                      shard=(procs.rank, procs.world_size))
+            for batch in order:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device):
+                    out = net(batch)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg.train.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                schedule.step()
+                step, batch_in_epoch, window = step + 1, batch_in_epoch + 1, window + 1
+                for key in sums:
+                    sums[key] += out[key].detach()
+                bar.update()
+
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    metrics = {key: float(total) / window for key, total in sums.items()}
+                    if not math.isfinite(metrics["loss"]):
+                        raise LeworldError(f"the loss became {metrics['loss']} by step {step}; lower train.lr (now "
+                                           f"{cfg.train.lr}) (saved checkpoints are untouched)")
+                    first_loss = metrics["loss"] if first_loss is None else first_loss
+                    clips_per_s = (step - start_step) * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
+                    metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch, "clips_per_s": clips_per_s}
+                    if step % cfg.train.val_every == 0 or step == total_steps:
+                        metrics |= validate(model, val_batches, device)
+                    log.log(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", pred=f"{metrics['pred']:.3f}",
+                                    sigreg=f"{metrics['sigreg']:.2f}", clips_s=f"{clips_per_s:.0f}",
+                                    **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
+                    sums, window = {key: 0.0 for key in sums}, 0
+                if step % cfg.train.save_every == 0 or step == total_steps:
+                    save()
+                if step == total_steps:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+    finally:
+        bar.close()
+    stop_processes()
+    if not procs.is_main:
+        return {}
+
+    elapsed = time.perf_counter() - start
+    results = {"steps": step, "seconds": elapsed, "loss_first": first_loss, **metrics}
+    log.print(f"trained to step {step} in {elapsed / 60:.1f} min: loss {first_loss:.3f} -> {metrics['loss']:.3f}, "
+              f"held-out {metrics.get('val_loss', float('nan')):.3f}, SIGReg {metrics['sigreg']:.2f} "
+              f"(an isotropic Gaussian scores about 1.06)")
+    if cfg.probe.after_training:
+        results["probe"] = probe_world_model(model.eval(), dataset, train_episodes, val_episodes, cfg.probe, cfg.seed,
+                                             device, say=log.print)
+        (run_dir / "probe.json").write_text(json.dumps(results["probe"], indent=1))
+    log.close()
+    return results | {"run_dir": str(run_dir)}
+
+
+def main() -> None:
+    run_main("train", train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""LeWorldModel: shapes, causality, AdaLN-zero, rollouts against one-step predictions, plan costs,
+and checkpoints that load without unpickling anything."""
+
+import pickle
+
+import pytest
+import torch
+
+from leworld import LeworldError
+from leworld.models.lewm import LeWorldModel
+
+TINY = {
+    "image_size": 32, "history": 3, "frameskip": 2, "latent_dim": 16,
+    "encoder": {"backbone": {"name": "convnet", "widths": [8, 16], "depths": [1, 1], "stem": "small"},
+                "projector": {"hidden": [32]}, "init": None, "freeze": False},
+    "predictor": {"width": 16, "depth": 2, "heads": 2, "mlp_hidden": 32, "dropout": 0.0, "projector": {"hidden": [32]}},
+    "sigreg": {"weight": 0.09, "num_slices": 32, "knots": 17, "t_max": 3.0},
+}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return LeWorldModel(TINY, action_dim=2).eval()
+
+
+def perturb_modulation(model):
+    with torch.no_grad():
+        for block in model.predictor.blocks:
+            block.modulation.weight.normal_(0, 0.5)
+
+
+def test_shapes_and_loss(model):
+    batch = {"pixels": torch.randint(0, 255, (5, 4, 3, 32, 32), dtype=torch.uint8), "actions": torch.randn(5, 4, 4)}
+    latents = model.encode(batch["pixels"])
+    assert latents.shape == (5, 4, 16)
+    assert model.predict(latents[:, :3], batch["actions"][:, :3]).shape == (5, 3, 16)
+    out = model.loss(batch)
+    torch.testing.assert_close(out["loss"], out["pred"] + 0.09 * out["sigreg"])
+    predicted = model.predict(latents[:, :3], batch["actions"][:, :3])
+    torch.testing.assert_close(out["pred"], (predicted - latents[:, 1:]).square().mean())
+    # frames of another size are resized to the model's
+    assert model.encode(torch.randint(0, 255, (2, 1, 3, 48, 48), dtype=torch.uint8)).shape == (2, 1, 16)
+
+
+def test_prediction_is_causal_in_time(model):
+    perturb_modulation(model)
+    latents, actions = torch.randn(2, 3, 16), torch.randn(2, 3, 4)
+    base = model.predict(latents, actions)
+    later_latents, later_actions = latents.clone(), actions.clone()
+    later_latents[:, 2] += 1.0
+    later_actions[:, 2] += 1.0
+    changed = model.predict(later_latents, later_actions)
+    torch.testing.assert_close(changed[:, :2], base[:, :2])  # the past does not see the future
+    assert not torch.allclose(changed[:, 2], base[:, 2])
+
+
+def test_adaln_zero_starts_every_block_at_identity(model):
+    latents = torch.randn(2, 3, 16)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    torch.testing.assert_close(model.predict(latents, a), model.predict(latents, b))  # actions enter only via gates
+    perturb_modulation(model)
+    assert not torch.allclose(model.predict(latents, a), model.predict(latents, b))
+
+
+def test_rollout_feeds_predictions_back(model):
+    perturb_modulation(model)
+    context, past = torch.randn(3, 2, 16), torch.randn(3, 1, 4)
+    plan = torch.randn(3, 4, 4)
+    imagined = model.rollout(context, plan, context_actions=past)
+    assert imagined.shape == (3, 4, 16)
+    # by hand: one causal pass at a time over the last `history` frames, real then imagined
+    latents, steps = context, torch.cat([past, plan], 1)
+    for h in range(4):
+        end = 2 + h
+        window = slice(max(0, end - 3), end)
+        nxt = model.predict(latents[:, window], steps[:, window])[:, -1:]
+        torch.testing.assert_close(imagined[:, h:h + 1], nxt)
+        latents = torch.cat([latents, nxt], 1)
+    with pytest.raises(LeworldError, match="needs the actions"):
+        model.rollout(context, plan)
+
+
+def test_plan_cost_is_the_distance_of_the_last_imagined_latent_to_the_goal(model):
+    perturb_modulation(model)
+    context, goal = torch.randn(2, 1, 16), torch.randn(2, 16)
+    plans = torch.randn(2, 5, 3, 4)  # (B, S, H, fs·A)
+    costs = model.plan_cost(context, goal, plans)
+    assert costs.shape == (2, 5)
+    final = model.rollout(context[1:], plans[1, 3:4])[:, -1]
+    torch.testing.assert_close(costs[1, 3], (final[0] - goal[1]).square().sum())
+    reached = model.plan_cost(context, model.rollout(context, plans[:, 0])[:, -1], plans)
+    torch.testing.assert_close(reached[:, 0], torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_frozen_encoder_stays_frozen():
+    cfg = {**TINY, "encoder": {**TINY["encoder"], "freeze": True}}
+    model = LeWorldModel(cfg, action_dim=2).train()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert not model.backbone.training and model.predictor.training
+    assert all(p.requires_grad for p in model.projector.parameters())
+
+
+def test_from_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
+    from leworld.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()},
+                    {"model": TINY}, kind="world_model", action_dim=2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load tried to unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = LeWorldModel.from_checkpoint(tmp_path)
+    pixels = torch.randint(0, 255, (2, 1, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.encode(pixels), model.encode(pixels))
+    save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {}, kind="pretrain")
+    with pytest.raises(LeworldError, match="not a world model"):
+        LeWorldModel.from_checkpoint(tmp_path / "other.safetensors")

@@ -5,6 +5,8 @@
     collect  environment steps per second (expert policy, rendering included) per worker, at
              several image sizes, with 1 and more worker processes
     sampler  training clips per second from the clip sampler, from memory and from the memory map
+    planning latency of one CEM solve with a world model (one environment) and throughput with
+             many environments planned in one batch
 
 Each prints a markdown table with the machine and the command; docs/benchmarks.md keeps the results.
 """
@@ -27,8 +29,10 @@ from omegaconf import DictConfig
 import envs
 from leworld.collect import collect
 from leworld.data import ClipSampler, EpisodeDataset
-from leworld.runtime import load_config, pick_device, run_main
+from leworld.models.lewm import LeWorldModel
+from leworld.runtime import autocast, load_config, pick_device, run_main
 from leworld.sigreg import SIGReg, quadrature
+from planners import CEM
 
 
 def naive_epps_pulley(x: torch.Tensor, knots: int, t_max: float) -> torch.Tensor:
@@ -201,7 +205,50 @@ def bench_sampler(cfg: DictConfig) -> None:
                 print(f"| {source} | {batch_size} | {clips / (time.perf_counter() - start):.0f} |", flush=True)
 
 
-BENCHMARKS = {"sigreg": bench_sigreg, "collect": bench_collect, "sampler": bench_sampler}
+def bench_planning(cfg: DictConfig) -> None:
+    """One solve = encode the context frames and the goal once, then CEM over predictor rollouts.
+    Weights are random: time does not depend on them."""
+    spec = cfg.planning
+    device = pick_device(cfg.device)
+    model = LeWorldModel(load_config("train", [f"model={spec.model}"]).model, action_dim=2)
+    model = model.to(device).eval().requires_grad_(False)
+    measured = spec.measure_iterations or spec.cem.iterations
+    print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} blocks, "
+          f"{model.history} context frames, model={spec.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, {model.image_size} px)")
+    if measured != spec.cem.iterations:
+        print(f"each solve runs {measured} iterations; its time is scaled to {spec.cem.iterations} (iterations cost the same)")
+    print(f"machine: {_machine(device)}")
+    print(f"command: python -m leworld.bench planning {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print("| environments | ms per solve | environments planned per s |")
+    print("|---:|---:|---:|")
+    generator = torch.Generator().manual_seed(0)
+    for b in spec.environments:
+        frames = torch.randint(0, 256, (b, model.history + 1, 3, model.image_size, model.image_size),
+                               dtype=torch.uint8, generator=generator).to(device)
+        taken = torch.randn(b, model.history - 1, model.frameskip * 2, generator=generator).to(device)
+        planner = CEM(model.frameskip * 2, samples=spec.cem.samples, elites=spec.cem.elites, iterations=measured,
+                      device=device)
+
+        def solve():
+            with torch.no_grad(), autocast(device):
+                latents = model.encode(frames)  # context and goal, once per solve
+                context, goal = latents[:, :-1], latents[:, -1]
+                planner.plan(lambda plans: model.plan_cost(context, goal, plans, taken), b, spec.horizon)
+
+        solve()  # warm-up
+        times = []
+        for _ in range(spec.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            solve()
+            _sync(device)
+            times.append((time.perf_counter() - start) * spec.cem.iterations / measured)
+        seconds = statistics.median(times)
+        print(f"| {b} | {1000 * seconds:.0f} | {b / seconds:.1f} |", flush=True)
+
+
+BENCHMARKS = {"sigreg": bench_sigreg, "collect": bench_collect, "sampler": bench_sampler, "planning": bench_planning}
 
 
 def main() -> None:

@@ -65,6 +65,33 @@ def build_model(cfg: DictConfig, action_dim: int) -> LeWorldModel:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: LeWorldModel, clips: ClipSampler, batches: int, batch_size: int, seed: int,
+                          device: torch.device) -> None:
+    """Set every trainable BatchNorm's running statistics to their exact average over fixed training
+    batches under the current weights ("precise BN"). The running averages that training keeps lag
+    behind weights that move: PushT frames differ in a few pixels, so the projectors' inputs have a
+    small spread next to their drift, and eval-mode latents came out far off (held-out SIGReg ~100
+    where training showed ~3). Planning and probing run in eval mode; this makes them see what
+    training saw. Only buffers change, so training itself is unaffected. Leaves the model in eval mode."""
+    frozen = set(model.backbone.modules()) if model.frozen_backbone else set()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen]
+    model.eval()  # dropout off; the norms alone collect statistics
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+        m.train()
+    clips.generator.manual_seed(seed)
+    for _ in range(batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in clips.sample(batch_size).items()}
+        with autocast(device):
+            latents = model.encode(batch["pixels"])
+            model.predict(latents[:, :-1], batch["actions"][:, :-1])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+@torch.no_grad()
 def validate(model: LeWorldModel, batches: list[dict], device: torch.device) -> dict[str, float]:
     """Mean held-out losses over fixed batches (SIGReg's directions do not advance in eval mode)."""
     model.eval()
@@ -115,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
     train_episodes, val_episodes = dataset.split(cfg.data.val_fraction, cfg.seed)
     frames, frameskip = cfg.model.history + 1, cfg.model.frameskip
     train_clips = ClipSampler(dataset, train_episodes, frames, frameskip)
+    calibration_clips = ClipSampler(dataset, train_episodes, frames, frameskip)
     val_batches = [ClipSampler(dataset, val_episodes, frames, frameskip, seed=cfg.seed).sample(cfg.train.batch_size)
                    for _ in range(cfg.train.val_batches)]
 
@@ -173,6 +201,12 @@ def train(cfg: DictConfig) -> dict:
                     sums[key] += out[key].detach()
                 bar.update()
 
+                validating = step % cfg.train.val_every == 0 or step == total_steps
+                saving = step % cfg.train.save_every == 0 or step == total_steps
+                if validating or saving:
+                    recalibrate_batchnorm(model, calibration_clips, cfg.train.bn_batches, cfg.train.batch_size,
+                                          cfg.seed, device)
+                    model.train()
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     metrics = {key: float(total) / window for key, total in sums.items()}
                     if not math.isfinite(metrics["loss"]):
@@ -181,14 +215,14 @@ def train(cfg: DictConfig) -> dict:
                     first_loss = metrics["loss"] if first_loss is None else first_loss
                     clips_per_s = (step - start_step) * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
                     metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch, "clips_per_s": clips_per_s}
-                    if step % cfg.train.val_every == 0 or step == total_steps:
+                    if validating:
                         metrics |= validate(model, val_batches, device)
                     log.log(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", pred=f"{metrics['pred']:.3f}",
                                     sigreg=f"{metrics['sigreg']:.2f}", clips_s=f"{clips_per_s:.0f}",
                                     **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
                     sums, window = {key: 0.0 for key in sums}, 0
-                if step % cfg.train.save_every == 0 or step == total_steps:
+                if saving:
                     save()
                 if step == total_steps:
                     break

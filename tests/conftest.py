@@ -1,5 +1,41 @@
 import os
+import subprocess
+import sys
+
+import pytest
 
 # MuJoCo picks its GL back end when first imported; make it EGL whatever a test imports first.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("LP_NUM_THREADS", "0")
+
+
+# a world model small enough for seconds on a CPU
+TINY_MODEL = ["model.image_size=32", "model.latent_dim=32", "model.encoder.backbone.image_size=32",
+              "model.encoder.backbone.patch_size=8", "model.encoder.backbone.dim=32", "model.encoder.backbone.depth=2",
+              "model.encoder.backbone.heads=2", "model.encoder.projector.hidden=[64]",
+              "model.predictor.width=32", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.mlp_hidden=64",
+              "model.predictor.projector.hidden=[64]", "model.sigreg.num_slices=64", "model.frameskip=2"]
+TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale.cpu.episodes=16",
+            "env.episode_length=40", "train.batch_size=32", "train.lr=2e-3", "train.log_every=5", "train.val_every=20",
+            "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", *TINY_MODEL]
+
+
+def run(verb, *args, **kwargs):
+    return subprocess.run([sys.executable, "-m", f"leworld.{verb}", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "tworoom"
+
+
+@pytest.fixture(scope="session")
+def trained(data_path, tmp_path_factory):
+    """A tiny world model trained by a short run that first collects its (missing) dataset."""
+    run_dir = tmp_path_factory.mktemp("runs") / "trained"
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=12", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "collecting it first" in done.stdout
+    return run_dir, done.stdout
+
+

@@ -9,39 +9,12 @@ import subprocess
 import sys
 import time
 
-import pytest
+import numpy as np
 import torch
 
 from leworld.checkpoint import load_checkpoint, select
 from leworld.models.lewm import LeWorldModel
-
-# a world model small enough for seconds on a CPU
-TINY_MODEL = ["model.image_size=32", "model.latent_dim=32", "model.encoder.backbone.widths=[8,16]",
-              "model.encoder.backbone.depths=[1,1]", "model.encoder.backbone.stem=small", "model.encoder.projector.hidden=[64]",
-              "model.predictor.width=32", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.mlp_hidden=64",
-              "model.predictor.projector.hidden=[64]", "model.sigreg.num_slices=64", "model.frameskip=2"]
-TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale.cpu.episodes=16",
-            "env.episode_length=40", "train.batch_size=32", "train.lr=2e-3", "train.log_every=5", "train.val_every=20",
-            "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", *TINY_MODEL]
-
-
-def run(verb, *args, **kwargs):
-    return subprocess.run([sys.executable, "-m", f"leworld.{verb}", *args], capture_output=True, text=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "tworoom"
-
-
-@pytest.fixture(scope="module")
-def trained(data_path, tmp_path_factory):
-    """A short run that first collects its (missing) dataset."""
-    run_dir = tmp_path_factory.mktemp("runs") / "trained"
-    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=4", f"run_dir={run_dir}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "collecting it first" in done.stdout
-    return run_dir, done.stdout
+from conftest import TINY_RUN, run
 
 
 def test_training_learns_and_leaves_a_probed_checkpoint(trained):
@@ -52,6 +25,7 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     probe = json.loads((run_dir / "probe.json").read_text())
     assert set(probe["r2"]) == {"trained", "random_init"} and "x" in probe["r2"]["trained"]
     assert len(probe["rollout"]["model"]) == 3
+    assert probe["rollout"]["model"][0] < probe["rollout"]["no_change"][0]
     assert "linear probe from latents to the state" in stdout
     model = LeWorldModel.from_checkpoint(run_dir)
     assert model.history == 3 and model.frameskip == 2 and not model.training
@@ -146,3 +120,22 @@ def test_bad_input(data_path, tmp_path, trained):
         run("train", *TINY_RUN, f"data.path={data_path}", f"model.encoder.init={trained[0]}", f"run_dir={tmp_path / 'b'}"))
     assert "there is no model=huge" in one_line_error(run("train", "model=huge"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_batchnorm_statistics_are_recalibrated_to_the_current_weights(trained):
+    from leworld.data import ClipSampler, EpisodeDataset
+    from leworld.train import recalibrate_batchnorm
+
+    model = LeWorldModel.from_checkpoint(trained[0])
+    dataset = EpisodeDataset.open(model.train_config["data"]["path"])
+    clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, model.frameskip)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        norm.running_mean.fill_(5.0)  # stale statistics, as if the weights had moved on
+    recalibrate_batchnorm(model, clips, batches=1, batch_size=64, seed=3, device=torch.device("cpu"))
+    assert not model.training
+    clips.generator.manual_seed(3)
+    pixels = clips.sample(64)["pixels"]
+    with torch.no_grad():
+        eval_latents = model.encode(pixels)
+        train_latents = model.train().encode(pixels)  # batch statistics of that same batch
+    assert torch.allclose(eval_latents, train_latents, atol=0.05 * train_latents.std().item())

@@ -43,6 +43,7 @@ class LeWorldModel(nn.Module):
         self.frozen_backbone = bool(cfg.encoder.freeze)
         if self.frozen_backbone:
             self.backbone.requires_grad_(False)
+        self.train()  # modules start in training mode; this puts a frozen backbone in eval mode from the start
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -81,12 +82,16 @@ class LeWorldModel(nn.Module):
             latents = torch.cat([latents, predictions[-1]], dim=1)
         return torch.cat(predictions, dim=1)
 
-    def plan_cost(self, context: Tensor, goal: Tensor, actions: Tensor) -> Tensor:
+    def plan_cost(self, context: Tensor, goal: Tensor, actions: Tensor, context_actions: Tensor | None = None) -> Tensor:
         """Cost of candidate plans: context latents (B, Tc, D), goal latent (B, D), action blocks
-        (B, S, H, fs·A) -> squared distance of each plan's last imagined latent to the goal (B, S)."""
+        (B, S, H, fs·A) and, for Tc > 1, the blocks taken between the context frames (B, Tc − 1,
+        fs·A) -> squared distance of each plan's last imagined latent to the goal (B, S). Context
+        and goal come encoded: a planner calls this every iteration, the encoder runs once per solve."""
         b, s = actions.shape[:2]
         context = repeat(context, "b t d -> (b s) t d", s=s)
-        final = self.rollout(context, rearrange(actions, "b s h a -> (b s) h a"))[:, -1]  # (B·S, D)
+        if context_actions is not None:
+            context_actions = repeat(context_actions, "b t a -> (b s) t a", s=s)
+        final = self.rollout(context, rearrange(actions, "b s h a -> (b s) h a"), context_actions)[:, -1]  # (B·S, D)
         return rearrange((final - repeat(goal, "b d -> (b s) d", s=s)).square().sum(-1), "(b s) -> b s", b=b)
 
     # ---- training ------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Plan with a trained world model:  python -m leworld.eval ckpt=<run folder> [planner=cem] [key=value ...]
+
+The protocol of LeWM and DINO-WM (configs/eval.yaml): each episode starts at a random state of a
+held-out episode of the model's dataset, its goal is the frame `goal_offset` env steps later in
+that episode, and the planner has `budget` env steps to reach it under MPC. Environments are
+planned together in batches. Prints the success rate with its standard error, the same episodes
+with random actions (the floor) and the planning time per solve; writes eval.json (one row per
+episode, and the settings) and GIFs of a few episodes with the goal beside them.
+"""
+
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+import envs
+from leworld import LeworldError
+from leworld.checkpoint import resolve_path
+from leworld.data import EpisodeDataset
+from leworld.models.lewm import LeWorldModel
+from leworld.runtime import autocast, pick_device, require, run_main
+from planners import PLANNERS, Bounds
+from planners.mpc import run_mpc
+
+
+class LatentObjective:
+    """The planning cost of a world model: squared distance between the last imagined latent and
+    the goal's. Goals are encoded once when it is made, the observed frames once per solve."""
+
+    def __init__(self, model, goal_pixels: np.ndarray, device: torch.device):
+        self.model, self.device = model, device
+        self.goals = self.encode(goal_pixels[:, None])[:, 0]  # (B, D)
+
+    @torch.no_grad()
+    def encode(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 frames (B, T, H, W, 3) -> latents (B, T, D) in float32."""
+        frames = rearrange(torch.from_numpy(pixels).to(self.device), "b t h w c -> b t c h w")
+        with autocast(self.device):
+            return self.model.encode(frames).float()
+
+    def cost_fn(self, observed: dict, blocks: torch.Tensor | None, index: np.ndarray):
+        context = self.encode(observed["pixels"])  # (b, T, D)
+        goal = self.goals[torch.as_tensor(index, device=self.device)]
+        taken = None if blocks is None else blocks.to(self.device)
+
+        def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            with autocast(self.device):
+                return self.model.plan_cost(context, goal, plans, taken).float()
+
+        return cost
+
+
+def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offset: int, seed: int) -> np.ndarray:
+    """Dataset rows of `count` start frames: a random episode (with replacement) and a random frame
+    in it with the goal `offset` steps later still inside the episode."""
+    eligible = episodes[dataset.episode_lengths[episodes] > offset]
+    if len(eligible) == 0:
+        raise LeworldError(f"no held-out episode of {dataset.path} is longer than protocol.goal_offset={offset} steps")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(eligible, count)
+    return dataset.episode_starts[chosen] + rng.integers(0, dataset.episode_lengths[chosen] - offset)
+
+
+def make_planner(cfg: DictConfig, action_dim: int, bounds: Bounds, seed: int, device: torch.device):
+    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
+    if cfg.name not in PLANNERS:
+        raise LeworldError(f"there is no planner={cfg.name}; choose one of: {', '.join(PLANNERS)}")
+    try:
+        return PLANNERS[cfg.name](action_dim, bounds=bounds, seed=seed, device=device, **settings)
+    except (TypeError, ValueError) as err:
+        raise LeworldError(f"planner={cfg.name}: {err}") from None
+
+
+def evaluate(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: DictConfig, protocol: DictConfig,
+             seed: int, device: torch.device, record: int = 0) -> tuple[list[dict], list[float], list]:
+    """Run the protocol from the given start rows, `protocol.batch` environments at a time.
+    -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
+    env_cfg, fs = model.train_config["env"], model.frameskip
+    action_space = envs.make(env_cfg["name"], **env_cfg["kwargs"]).action_space
+    stats = dataset.meta["stats"]["action"]
+    mean, std = np.asarray(stats["mean"]), np.maximum(np.asarray(stats["std"]), 1e-6)
+    bounds = Bounds(torch.as_tensor(np.tile((action_space.low - mean) / std, fs), dtype=torch.float32, device=device),
+                    torch.as_tensor(np.tile((action_space.high - mean) / std, fs), dtype=torch.float32, device=device))
+    planner = make_planner(planner_cfg, fs * len(mean), bounds, seed, device)
+
+    def to_env(blocks: torch.Tensor) -> np.ndarray:  # normalised (b, k, fs·A) -> raw (b, k·fs, A)
+        raw = rearrange(blocks.float().cpu().numpy(), "b k (f a) -> b (k f) a", f=fs) * std + mean
+        return np.clip(raw, action_space.low, action_space.high)
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    state, pixels = dataset.tensors["state"], dataset.tensors["pixels"]
+    results, solve_seconds, frames = [], [], []
+    for first in range(0, len(rows), protocol.batch):
+        batch_rows = rows[first:first + protocol.batch]
+        goal_rows = torch.as_tensor(batch_rows + protocol.goal_offset)
+        goals = state[goal_rows].numpy().astype(np.float64)
+        batch = [envs.make(env_cfg["name"], **env_cfg["kwargs"]) for _ in batch_rows]
+        for env, row, goal in zip(batch, batch_rows, goals):
+            env.reset(options={"state": state[int(row)].numpy().astype(np.float64), "goal": goal})
+        objective = LatentObjective(model, pixels[goal_rows].numpy(), device)
+        result = run_mpc(batch, objective, planner, to_env, horizon=protocol.horizon,
+                         receding_horizon=protocol.receding_horizon, budget=protocol.budget, frameskip=fs,
+                         history=model.history, record=first < record, synchronize=synchronize)
+        for env in batch:
+            env.close()
+        for i, row in enumerate(batch_rows):
+            results.append({"episode": first + i, "dataset_row": int(row), "success": bool(result.success[i]),
+                            "steps": int(result.steps[i]),
+                            "final_distance": state_distance(result.final_state[i], goals[i], env_cfg["name"])})
+        solve_seconds += result.solve_seconds
+        frames += result.frames
+    return results, solve_seconds, frames[:record]
+
+
+def state_distance(state: np.ndarray, goal: np.ndarray, env_name: str) -> float:
+    """The distance each env's success criterion thresholds: PushT the 4-D (agent, block) position
+    error, TwoRoom the agent's, Reacher the largest joint error."""
+    if env_name == "reacher":
+        return float(np.abs(envs.base.wrap_angle(state[:2] - goal[:2])).max())
+    dims = 4 if env_name == "pusht" else 2
+    return float(np.linalg.norm(state[:dims] - goal[:dims]))
+
+
+def summary(results: list[dict], solve_seconds: list[float]) -> dict:
+    success = np.array([r["success"] for r in results], dtype=float)
+    return {"success_rate": float(success.mean()),
+            "standard_error": float(success.std(ddof=1) / np.sqrt(len(success))) if len(success) > 1 else 0.0,
+            "episodes": len(results), "solves": len(solve_seconds),
+            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0}
+
+
+def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder: Path, count: int) -> list[str]:
+    """GIFs of the first `count` episodes: each frame beside the goal, scaled up to at least 192 px."""
+    paths = []
+    for i, episode in enumerate(frames[:count]):
+        scale = max(1, 192 // goal_frames.shape[1])
+        pictures = [np.concatenate([frame, np.zeros_like(frame[:, :1]), goal_frames[i]], axis=1) for frame in episode]
+        images = [Image.fromarray(repeat(p, "h w c -> (h s) (w t) c", s=scale, t=scale)) for p in pictures]
+        path = folder / f"episode_{i}.gif"
+        images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+        paths.append(str(path))
+    return paths
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint>"))
+    device = pick_device(cfg.device)
+    model = LeWorldModel.from_checkpoint(path, device).requires_grad_(False)
+    trained = model.train_config
+    env_name = trained["env"]["name"]
+    expected = OmegaConf.select(cfg, "env.name")
+    if expected is not None and expected != env_name:
+        raise LeworldError(f"{path} is a {env_name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
+    dataset = EpisodeDataset.open(cfg.data_path or trained["data"]["path"])
+    if dataset.meta["env"]["name"] != env_name:
+        raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data but {path} is a {env_name} "
+                           f"world model; pass data_path=<a {env_name} dataset>")
+    protocol = cfg.protocol
+    _, held_out = dataset.split(trained["data"]["val_fraction"], trained["seed"])
+    rows = sample_tasks(dataset, held_out, protocol.episodes, protocol.goal_offset, cfg.seed)
+    out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{cfg.planner.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out_dir.mkdir(parents=True, exist_ok=False)
+
+    print(f"{env_name}: {protocol.episodes} episodes from {len(held_out)} held-out episodes of {dataset.path}; goal "
+          f"{protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {cfg.planner.name}, horizon "
+          f"{protocol.horizon} blocks of {model.frameskip} steps, replanning every {protocol.receding_horizon}")
+    results, solve_seconds, frames = evaluate(model, dataset, rows, cfg.planner, protocol, cfg.seed, device,
+                                              record=cfg.videos)
+    report = {"planner": summary(results, solve_seconds)}
+    print(f"{cfg.planner.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
+          f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes; median planning time "
+          f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments")
+    rows_out = {"planner": results}
+    if cfg.random_baseline:
+        random_cfg = OmegaConf.create({"name": "random"})
+        floor, _, _ = evaluate(model, dataset, rows, random_cfg, protocol, cfg.seed, device)
+        report["random"] = summary(floor, [])
+        rows_out["random"] = floor
+        print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
+              f"{100 * report['random']['standard_error']:.1f}%")
+    goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:cfg.videos] + protocol.goal_offset)].numpy()
+    videos = save_videos(frames, goal_frames, out_dir, cfg.videos)
+    settings = OmegaConf.to_container(cfg, resolve=True) | {"ckpt": str(path), "env_name": env_name,
+                                                            "dataset": str(dataset.path), "device": str(device)}
+    (out_dir / "eval.json").write_text(json.dumps({"settings": settings, "summary": report, "episodes": rows_out,
+                                                   "videos": videos}, indent=1))
+    print(f"saved {out_dir / 'eval.json'} and {len(videos)} videos")
+    return report | {"out_dir": str(out_dir)}
+
+
+def main() -> None:
+    run_main("eval", run_eval)
+
+
+if __name__ == "__main__":
+    main()

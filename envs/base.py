@@ -69,6 +69,7 @@ class MujocoEnv(gym.Env):
         sample_state(rng)          an initial physical state for a plain reset
         apply_action(action)       set controls from a checked action (before the physics steps)
         success(state, goal)       a pure function of two states
+        distance(state, goal)      the error that success thresholds (for reports)
         proprio(state)             the part of the state the agent senses of itself (or None)
 
     The state is (qpos, qvel) times `state_scale`: workspace units for planar tasks, radians for

@@ -107,6 +107,10 @@ class PushTEnv(MujocoEnv):
     def success(self, state: np.ndarray, goal: np.ndarray) -> bool:
         return pusht_success(state, goal)
 
+    def distance(self, state: np.ndarray, goal: np.ndarray) -> float:
+        """The position error that success thresholds: 4-D (agent xy, block xy)."""
+        return float(np.linalg.norm(np.asarray(state)[:4] - np.asarray(goal)[:4]))
+
     def proprio(self, state: np.ndarray) -> np.ndarray:
         return state[[0, 1, 5, 6]]
 

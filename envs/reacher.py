@@ -60,7 +60,11 @@ class ReacherEnv(MujocoEnv):
         self.data.ctrl[:] = action
 
     def success(self, state: np.ndarray, goal: np.ndarray) -> bool:
-        return bool(np.all(np.abs(wrap_angle(np.asarray(state)[:2] - np.asarray(goal)[:2])) < SUCCESS_ANGLE))
+        return self.distance(state, goal) < SUCCESS_ANGLE
+
+    def distance(self, state: np.ndarray, goal: np.ndarray) -> float:
+        """The largest joint-angle error."""
+        return float(np.abs(wrap_angle(np.asarray(state)[:2] - np.asarray(goal)[:2])).max())
 
     def proprio(self, state: np.ndarray) -> np.ndarray:
         return state[:4]

@@ -66,7 +66,10 @@ class TwoRoomEnv(MujocoEnv):
         self.data.ctrl[:] = self.data.qpos[:2] + STEP / UNIT * action
 
     def success(self, state: np.ndarray, goal: np.ndarray) -> bool:
-        return bool(np.linalg.norm(np.asarray(state)[:2] - np.asarray(goal)[:2]) < SUCCESS_DISTANCE)
+        return self.distance(state, goal) < SUCCESS_DISTANCE
+
+    def distance(self, state: np.ndarray, goal: np.ndarray) -> float:
+        return float(np.linalg.norm(np.asarray(state)[:2] - np.asarray(goal)[:2]))
 
     def proprio(self, state: np.ndarray) -> np.ndarray:
         return state[:4]

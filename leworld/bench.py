@@ -5,8 +5,8 @@
     collect  environment steps per second (expert policy, rendering included) per worker, at
              several image sizes, with 1 and more worker processes
     sampler  training clips per second from the clip sampler, from memory and from the memory map
-    planning latency of one CEM solve with a world model (one environment) and throughput with
-             many environments planned in one batch
+    planning world models side by side (LeWM, DINO-WM): time per CEM solve with one environment
+             and with many planned in one batch, FLOPs per solve, peak memory, and the ratios
 
 Each prints a markdown table with the machine and the command; docs/benchmarks.md keeps the results.
 """
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 import envs
 from leworld.collect import collect
 from leworld.data import ClipSampler, EpisodeDataset
-from leworld.models.lewm import LeWorldModel
+from leworld.models import WORLD_MODELS
 from leworld.runtime import autocast, load_config, pick_device, run_main
 from leworld.sigreg import SIGReg, quadrature
 from planners import CEM
@@ -206,46 +207,84 @@ def bench_sampler(cfg: DictConfig) -> None:
 
 
 def bench_planning(cfg: DictConfig) -> None:
-    """One solve = encode the context frames and the goal once, then CEM over predictor rollouts.
-    Weights are random: time does not depend on them."""
+    """World models side by side on the same inputs. One solve = encode the context frames and the
+    goal once, then CEM over predictor rollouts. Weights are random: time does not depend on them.
+    Where a solve is too slow to run whole (DINO-WM on a CPU), `measure` runs fewer samples and
+    iterations and scales the planning part by the ratio: every cost call does the same work per
+    sample, so time and FLOPs grow linearly with samples x iterations."""
     spec = cfg.planning
     device = pick_device(cfg.device)
-    model = LeWorldModel(load_config("train", [f"model={spec.model}"]).model, action_dim=2)
-    model = model.to(device).eval().requires_grad_(False)
-    measured = spec.measure_iterations or spec.cem.iterations
+    total = spec.cem.samples * spec.cem.iterations
     print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} blocks, "
-          f"{model.history} context frames, model={spec.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, {model.image_size} px)")
-    if measured != spec.cem.iterations:
-        print(f"each solve runs {measured} iterations; its time is scaled to {spec.cem.iterations} (iterations cost the same)")
+          f"{spec.context} context frames; random weights, median of {spec.repeats}")
     print(f"machine: {_machine(device)}")
     print(f"command: python -m leworld.bench planning {' '.join(sys.argv[2:])}".rstrip() + "\n")
-    print("| environments | ms per solve | environments planned per s |")
-    print("|---:|---:|---:|")
-    generator = torch.Generator().manual_seed(0)
-    for b in spec.environments:
-        frames = torch.randint(0, 256, (b, model.history + 1, 3, model.image_size, model.image_size),
-                               dtype=torch.uint8, generator=generator).to(device)
-        taken = torch.randn(b, model.history - 1, model.frameskip * 2, generator=generator).to(device)
-        planner = CEM(model.frameskip * 2, samples=spec.cem.samples, elites=spec.cem.elites, iterations=measured,
-                      device=device)
+    print("| model | parameters | environments | timed as (samples x iterations) | ms per solve | environments per s "
+          "| GFLOP per solve | peak MiB of one cost call (as timed) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    results, memory_runs = {}, []
+    for name in spec.models:
+        model_cfg = load_config("train", [f"model={name}"]).model
+        model = WORLD_MODELS[model_cfg.type](model_cfg, action_dim=2).to(device).eval().requires_grad_(False)
+        parameters = sum(p.numel() for p in model.parameters())
+        measure = spec.measure.get(name) or {}
+        samples = min(spec.cem.samples, measure.get("samples") or spec.cem.samples)
+        iterations = min(spec.cem.iterations, measure.get("iterations") or spec.cem.iterations)
+        scale = total / (samples * iterations)
+        for b in spec.environments:
+            generator = torch.Generator().manual_seed(0)
+            frames = torch.randint(0, 256, (b, spec.context + 1, 3, model.image_size, model.image_size),
+                                   dtype=torch.uint8, generator=generator).to(device)
+            taken = torch.randn(b, spec.context - 1, model.frameskip * 2, generator=generator).to(device)
+            planner = CEM(model.frameskip * 2, samples=samples, iterations=iterations, device=device,
+                          elites=max(2, round(spec.cem.elites * samples / spec.cem.samples)))
 
-        def solve():
-            with torch.no_grad(), autocast(device):
+            def encode():
                 latents = model.encode(frames)  # context and goal, once per solve
-                context, goal = latents[:, :-1], latents[:, -1]
-                planner.plan(lambda plans: model.plan_cost(context, goal, plans, taken), b, spec.horizon)
+                return latents[:, :-1], latents[:, -1]
 
-        solve()  # warm-up
-        times = []
-        for _ in range(spec.repeats):
-            _sync(device)
-            start = time.perf_counter()
-            solve()
-            _sync(device)
-            times.append((time.perf_counter() - start) * spec.cem.iterations / measured)
-        seconds = statistics.median(times)
-        print(f"| {b} | {1000 * seconds:.0f} | {b / seconds:.1f} |", flush=True)
+            def plan(context, goal):
+                cost = lambda plans: model.plan_cost(context, goal, plans, taken)  # noqa: E731
+                return planner.plan(cost, b, spec.horizon)
+
+            with torch.no_grad(), autocast(device):
+                context, goal = encode()  # warm-up
+                model.plan_cost(context, goal, torch.zeros(b, 2, spec.horizon, model.frameskip * 2, device=device), taken)
+                times = []
+                for _ in range(spec.repeats):
+                    _sync(device)
+                    start = time.perf_counter()
+                    context, goal = encode()
+                    _sync(device)
+                    encoded = time.perf_counter()
+                    plan(context, goal)
+                    _sync(device)
+                    times.append(encoded - start + (time.perf_counter() - encoded) * scale)
+                seconds = statistics.median(times)
+                with FlopCounterMode(display=False) as flops:
+                    context, goal = encode()
+                encode_flops = flops.get_total_flops()
+                plans = torch.zeros(b, samples, spec.horizon, model.frameskip * 2, device=device)
+                with FlopCounterMode(display=False) as flops:
+                    model.plan_cost(context, goal, plans, taken)
+                gflop = (encode_flops + flops.get_total_flops() * spec.cem.iterations * spec.cem.samples / samples) / 1e9
+            timed = "whole" if scale == 1 else f"{samples} x {iterations}, scaled"
+            results[name, b] = seconds, gflop, timed, parameters
+            memory_runs.append((name, b, model, frames, plans, taken))
+    for name, b, model, frames, plans, taken in memory_runs:  # after all timings: measuring slows the allocator
+        with torch.no_grad(), autocast(device), PeakMemory(device) as memory:
+            latents = model.encode(frames)
+            model.plan_cost(latents[:, :-1], latents[:, -1], plans, taken)  # one iteration's worth: a solve's peak
+        seconds, gflop, timed, parameters = results[name, b]
+        print(f"| {name} | {parameters / 1e6:.1f}M | {b} | {timed} | {1000 * seconds:.0f} | {b / seconds:.2f} | "
+              f"{gflop:.0f} | {memory.mib:.0f} |", flush=True)
+    if len(spec.models) == 2:
+        base, other = spec.models
+        print()
+        for b in spec.environments:
+            (t0, f0, *_), (t1, f1, *_) = results[base, b], results[other, b]
+            print(f"{other} / {base} with {b} environment{'s' if b > 1 else ''}: {t1 / t0:.0f}x the time per solve, "
+                  f"{f1 / f0:.0f}x the FLOPs")
 
 
 BENCHMARKS = {"sigreg": bench_sigreg, "collect": bench_collect, "sampler": bench_sampler, "planning": bench_planning}

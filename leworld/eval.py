@@ -23,7 +23,7 @@ import envs
 from leworld import LeworldError
 from leworld.checkpoint import resolve_path
 from leworld.data import EpisodeDataset
-from leworld.models.lewm import LeWorldModel
+from leworld.models import load_world_model
 from leworld.runtime import autocast, pick_device, require, run_main
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
@@ -82,7 +82,7 @@ def evaluate(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: Dict
     """Run the protocol from the given start rows, `protocol.batch` environments at a time.
     -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
     env_cfg, fs = model.train_config["env"], model.frameskip
-    action_space = envs.make(env_cfg["name"], **env_cfg["kwargs"]).action_space
+    action_space = envs.make(env_cfg["name"], **env_cfg["kwargs"]).action_space  # (no renderer is made)
     stats = dataset.meta["stats"]["action"]
     mean, std = np.asarray(stats["mean"]), np.maximum(np.asarray(stats["std"]), 1e-6)
     bounds = Bounds(torch.as_tensor(np.tile((action_space.low - mean) / std, fs), dtype=torch.float32, device=device),
@@ -110,21 +110,12 @@ def evaluate(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: Dict
         for env in batch:
             env.close()
         for i, row in enumerate(batch_rows):
-            results.append({"episode": first + i, "dataset_row": int(row), "success": bool(result.success[i]),
-                            "steps": int(result.steps[i]),
-                            "final_distance": state_distance(result.final_state[i], goals[i], env_cfg["name"])})
+            results.append({"episode": first + i, "seed": seed, "dataset_row": int(row),
+                            "success": bool(result.success[i]), "steps": int(result.steps[i]),
+                            "final_distance": batch[i].distance(result.final_state[i], goals[i])})
         solve_seconds += result.solve_seconds
         frames += result.frames
     return results, solve_seconds, frames[:record]
-
-
-def state_distance(state: np.ndarray, goal: np.ndarray, env_name: str) -> float:
-    """The distance each env's success criterion thresholds: PushT the 4-D (agent, block) position
-    error, TwoRoom the agent's, Reacher the largest joint error."""
-    if env_name == "reacher":
-        return float(np.abs(envs.base.wrap_angle(state[:2] - goal[:2])).max())
-    dims = 4 if env_name == "pusht" else 2
-    return float(np.linalg.norm(state[:dims] - goal[:dims]))
 
 
 def summary(results: list[dict], solve_seconds: list[float]) -> dict:
@@ -151,7 +142,7 @@ def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder:
 def run_eval(cfg: DictConfig) -> dict:
     path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint>"))
     device = pick_device(cfg.device)
-    model = LeWorldModel.from_checkpoint(path, device).requires_grad_(False)
+    model = load_world_model(path, device).requires_grad_(False)
     trained = model.train_config
     env_name = trained["env"]["name"]
     expected = OmegaConf.select(cfg, "env.name")
@@ -162,10 +153,15 @@ def run_eval(cfg: DictConfig) -> dict:
         raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data but {path} is a {env_name} "
                            f"world model; pass data_path=<a {env_name} dataset>")
     protocol = cfg.protocol
+    protocol.receding_horizon = protocol.receding_horizon or protocol.horizon
+    if not 0 < protocol.receding_horizon <= protocol.horizon:
+        raise LeworldError(f"protocol.receding_horizon={protocol.receding_horizon} must be between 1 and "
+                           f"protocol.horizon={protocol.horizon}")
     _, held_out = dataset.split(trained["data"]["val_fraction"], trained["seed"])
     rows = sample_tasks(dataset, held_out, protocol.episodes, protocol.goal_offset, cfg.seed)
     out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{cfg.planner.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
-    out_dir.mkdir(parents=True, exist_ok=False)
+    if out_dir.exists():
+        raise LeworldError(f"out_dir={out_dir} exists; results are never overwritten: pass another out_dir")
 
     print(f"{env_name}: {protocol.episodes} episodes from {len(held_out)} held-out episodes of {dataset.path}; goal "
           f"{protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {cfg.planner.name}, horizon "
@@ -184,6 +180,7 @@ def run_eval(cfg: DictConfig) -> dict:
         rows_out["random"] = floor
         print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
               f"{100 * report['random']['standard_error']:.1f}%")
+    out_dir.mkdir(parents=True)
     goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:cfg.videos] + protocol.goal_offset)].numpy()
     videos = save_videos(frames, goal_frames, out_dir, cfg.videos)
     settings = OmegaConf.to_container(cfg, resolve=True) | {"ckpt": str(path), "env_name": env_name,

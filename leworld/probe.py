@@ -20,7 +20,7 @@ from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
 from leworld.checkpoint import resolve_path
 from leworld.data import ClipSampler, EpisodeDataset
-from leworld.models.lewm import LeWorldModel
+from leworld.models import load_world_model
 from leworld.runtime import autocast, pick_device, require, run_main
 
 
@@ -111,7 +111,8 @@ def encode_frames(model, dataset, episodes: np.ndarray, limit: int, device: torc
     for i in range(0, len(rows), batch_size):
         pixels = dataset.tensors["pixels"][torch.as_tensor(rows[i:i + batch_size])].to(device)
         with autocast(device):
-            latents.append(model.encode(rearrange(pixels, "n h w c -> n 1 c h w"))[:, 0].float().cpu())
+            z = model.encode(rearrange(pixels, "n h w c -> n 1 c h w"))[:, 0].float()  # (n, D), or (n, P, E) patch tokens
+            latents.append((z if z.dim() == 2 else z.mean(1)).cpu())  # patch tokens: probe their average
     return torch.cat(latents), dataset.tensors["state"][torch.as_tensor(rows)].cpu()
 
 
@@ -134,9 +135,9 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
         latents.append(z.cpu())
         predicted.append(imagined.cpu())
     z, imagined = torch.cat(latents), torch.cat(predicted)
-    future = z[:, model.history:]  # (N, H, D)
-    model_error = (imagined - future).square().mean((0, 2))
-    still_error = (z[:, model.history - 1:model.history] - future).square().mean((0, 2))
+    future = z[:, model.history:]  # (N, H, D), or (N, H, P, E) patch tokens
+    model_error = (imagined - future).square().flatten(2).mean((0, 2))
+    still_error = (z[:, model.history - 1:model.history] - future).square().flatten(2).mean((0, 2))
     return {"model": model_error.tolist(), "no_change": still_error.tolist()}
 
 
@@ -174,7 +175,7 @@ def probe(cfg: DictConfig) -> dict:
     the checkpoint."""
     path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.probe ckpt=<run folder or checkpoint>"))
     device = pick_device(cfg.device)
-    model = LeWorldModel.from_checkpoint(path, device)
+    model = load_world_model(path, device)
     trained = model.train_config
     dataset = EpisodeDataset.open(cfg.data_path or trained["data"]["path"])
     if dataset.meta["env"]["name"] != trained["env"]["name"]:

@@ -2,8 +2,9 @@
 
 The run collects the environment's dataset first if it is missing, trains LeWorldModel on clips
 of `history + 1` frames (next-latent prediction + λ·SIGReg, nothing else), checks held-out losses
-as it goes, saves checkpoints it can resume from (resume=true run_dir=...), and finally probes
-what the latents learned (leworld/probe.py). Under torchrun every process trains on its own clips
+as it goes, saves checkpoints it can resume from (resume=true run_dir=...), then probes what the
+latents learned (leworld/probe.py) and plans with the model under the evaluation protocol
+(leworld/eval.py). model=dinowm trains the DINO-WM baseline with the same loop. Under torchrun every process trains on its own clips
 of one global batch (SIGReg is exact over it); the first process alone logs and saves.
 """
 
@@ -24,7 +25,10 @@ from leworld.checkpoint import (FILENAME, load_checkpoint, optimizer_state, rest
                                 rng_state, save_checkpoint, select)
 from leworld.collect import collect
 from leworld.data import ClipSampler, EpisodeDataset
-from leworld.models.lewm import LeWorldModel, load_weights
+from leworld.eval import run_eval
+from leworld.models import LeWorldModel
+from leworld.models.dinowm import build_dinowm
+from leworld.models.lewm import load_weights
 from leworld.optim import adamw, warmup_cosine
 from leworld.probe import probe_world_model
 from leworld.runtime import (Processes, RunLog, autocast, load_config, new_run_dir, run_main, seed_everything,
@@ -48,9 +52,12 @@ def ensure_dataset(cfg: DictConfig, procs: Processes) -> Path:
     return path
 
 
-def build_model(cfg: DictConfig, action_dim: int) -> LeWorldModel:
-    """The world model of cfg.model; with model.encoder.init, its backbone starts from an image
-    pretraining checkpoint (whose backbone config then replaces model.encoder.backbone)."""
+def build_model(cfg: DictConfig, action_dim: int) -> nn.Module:
+    """The world model of cfg.model: DINO-WM from its frozen encoder's weights, or LeWorldModel,
+    whose backbone starts from an image pretraining checkpoint with model.encoder.init (its
+    backbone config then replaces model.encoder.backbone)."""
+    if cfg.model.type == "dinowm":
+        return build_dinowm(cfg, action_dim)
     init = cfg.model.encoder.init
     if init is not None:
         ckpt = load_checkpoint(init)
@@ -64,8 +71,14 @@ def build_model(cfg: DictConfig, action_dim: int) -> LeWorldModel:
     return model
 
 
+def check_finite(loss: float, step: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise LeworldError(f"the loss became {loss} by step {step}; lower train.lr (now {lr}); the checkpoints "
+                           "saved so far are untouched")
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(model: LeWorldModel, clips: ClipSampler, batches: int, batch_size: int, seed: int,
+def recalibrate_batchnorm(model: nn.Module, clips: ClipSampler, batches: int, batch_size: int, seed: int,
                           device: torch.device) -> None:
     """Set every trainable BatchNorm's running statistics to their exact average over fixed training
     batches under the current weights ("precise BN"). The running averages that training keeps lag
@@ -73,8 +86,10 @@ def recalibrate_batchnorm(model: LeWorldModel, clips: ClipSampler, batches: int,
     small spread next to their drift, and eval-mode latents came out far off (held-out SIGReg ~100
     where training showed ~3). Planning and probing run in eval mode; this makes them see what
     training saw. Only buffers change, so training itself is unaffected. Leaves the model in eval mode."""
-    frozen = set(model.backbone.modules()) if model.frozen_backbone else set()
+    frozen = set(model.backbone.modules()) if getattr(model, "frozen_backbone", False) else set()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen]
+    if not norms:
+        return
     model.eval()  # dropout off; the norms alone collect statistics
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -92,20 +107,20 @@ def recalibrate_batchnorm(model: LeWorldModel, clips: ClipSampler, batches: int,
 
 
 @torch.no_grad()
-def validate(model: LeWorldModel, batches: list[dict], device: torch.device) -> dict[str, float]:
-    """Mean held-out losses over fixed batches (SIGReg's directions do not advance in eval mode)."""
+def validate(model: nn.Module, batches: list[dict], device: torch.device) -> dict[str, float]:
+    """Mean held-out loss terms over fixed batches (SIGReg's directions do not advance in eval mode)."""
     model.eval()
-    totals = {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}
+    totals = {}
     for batch in batches:
         with autocast(device):
             out = model.loss({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        for key in totals:
-            totals[key] += float(out[key]) / len(batches)
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
     model.train()
     return {f"val_{key}": value for key, value in totals.items()}
 
 
-def save_state(path: Path, model: LeWorldModel, optimizer, schedule, cfg: DictConfig, dataset: EpisodeDataset,
+def save_state(path: Path, model: nn.Module, optimizer, schedule, cfg: DictConfig, dataset: EpisodeDataset,
                step: int, epoch: int, batch_in_epoch: int) -> None:
     """Weights, optimizer, random generators and the position in the data: all a resume needs."""
     optim_tensors, optim_json = optimizer_state(optimizer)
@@ -179,7 +194,7 @@ def train(cfg: DictConfig) -> dict:
         if procs.is_main:
             save_state(run_dir / FILENAME, model, optimizer, schedule, cfg, dataset, step, epoch, batch_in_epoch)
 
-    sums, window, first_loss, start = {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}, 0, None, time.perf_counter()
+    sums, window, first_loss, start = {}, 0, None, time.perf_counter()  # sums: loss terms since the last log
     start_step, metrics = step, {}
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not procs.is_main, dynamic_ncols=True)
     try:
@@ -197,8 +212,8 @@ def train(cfg: DictConfig) -> dict:
                 optimizer.step()
                 schedule.step()
                 step, batch_in_epoch, window = step + 1, batch_in_epoch + 1, window + 1
-                for key in sums:
-                    sums[key] += out[key].detach()
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach()
                 bar.update()
 
                 validating = step % cfg.train.val_every == 0 or step == total_steps
@@ -207,22 +222,20 @@ def train(cfg: DictConfig) -> dict:
                     recalibrate_batchnorm(model, calibration_clips, cfg.train.bn_batches, cfg.train.batch_size,
                                           cfg.seed, device)
                     model.train()
-                if step % cfg.train.log_every == 0 or step == total_steps:
+                if step % cfg.train.log_every == 0 or validating:
                     metrics = {key: float(total) / window for key, total in sums.items()}
-                    if not math.isfinite(metrics["loss"]):
-                        raise LeworldError(f"the loss became {metrics['loss']} by step {step}; lower train.lr (now "
-                                           f"{cfg.train.lr}) (saved checkpoints are untouched)")
+                    check_finite(metrics["loss"], step, cfg.train.lr)
                     first_loss = metrics["loss"] if first_loss is None else first_loss
                     clips_per_s = (step - start_step) * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
                     metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch, "clips_per_s": clips_per_s}
                     if validating:
                         metrics |= validate(model, val_batches, device)
                     log.log(step, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", pred=f"{metrics['pred']:.3f}",
-                                    sigreg=f"{metrics['sigreg']:.2f}", clips_s=f"{clips_per_s:.0f}",
-                                    **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
-                    sums, window = {key: 0.0 for key in sums}, 0
+                    bar.set_postfix({key: f"{metrics[key]:.3g}" for key in sums} | {"clips_s": f"{clips_per_s:.0f}"}
+                                    | ({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
+                    sums, window = {}, 0
                 if saving:
+                    check_finite(out["loss"].item(), step, cfg.train.lr)  # never save weights a NaN went through
                     save()
                 if step == total_steps:
                     break
@@ -236,14 +249,17 @@ def train(cfg: DictConfig) -> dict:
 
     elapsed = time.perf_counter() - start
     results = {"steps": step, "seconds": elapsed, "loss_first": first_loss, **metrics}
+    sigreg = f", SIGReg {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)" if "sigreg" in metrics else ""
     log.print(f"trained to step {step} in {elapsed / 60:.1f} min: loss {first_loss:.3f} -> {metrics['loss']:.3f}, "
-              f"held-out {metrics.get('val_loss', float('nan')):.3f}, SIGReg {metrics['sigreg']:.2f} "
-              f"(an isotropic Gaussian scores about 1.06)")
+              f"held-out {metrics.get('val_loss', float('nan')):.3f}{sigreg}")
     if cfg.probe.after_training:
         results["probe"] = probe_world_model(model.eval(), dataset, train_episodes, val_episodes, cfg.probe, cfg.seed,
                                              device, say=log.print)
         (run_dir / "probe.json").write_text(json.dumps(results["probe"], indent=1))
     log.close()
+    if cfg.plan_after_training:
+        results["eval"] = run_eval(load_config("eval", [f"ckpt={run_dir}", f"device={cfg.device}",
+                                                        f"out_dir={run_dir / 'eval'}", *cfg.plan_overrides]))
     return results | {"run_dir": str(run_dir)}
 
 

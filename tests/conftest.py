@@ -17,7 +17,8 @@ TINY_MODEL = ["model.image_size=32", "model.latent_dim=32", "model.encoder.backb
               "model.predictor.projector.hidden=[64]", "model.sigreg.num_slices=64", "model.frameskip=2"]
 TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale.cpu.episodes=16",
             "env.episode_length=40", "train.batch_size=32", "train.lr=2e-3", "train.log_every=5", "train.val_every=20",
-            "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", *TINY_MODEL]
+            "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", "plan_after_training=false",
+            *TINY_MODEL]
 
 
 def run(verb, *args, **kwargs):
@@ -33,7 +34,9 @@ def data_path(tmp_path_factory):
 def trained(data_path, tmp_path_factory):
     """A tiny world model trained by a short run that first collects its (missing) dataset."""
     run_dir = tmp_path_factory.mktemp("runs") / "trained"
-    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=12", f"run_dir={run_dir}")
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=12", f"run_dir={run_dir}",
+               "plan_after_training=true", 'plan_overrides=["planner.samples=16","planner.elites=4","planner.iterations=2","protocol.episodes=3",'
+               '"protocol.goal_offset=10","protocol.budget=8","protocol.horizon=2","videos=1"]')
     assert done.returncode == 0, done.stderr[-3000:]
     assert "collecting it first" in done.stdout
     return run_dir, done.stdout

@@ -27,6 +27,8 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert len(probe["rollout"]["model"]) == 3
     assert probe["rollout"]["model"][0] < probe["rollout"]["no_change"][0]
     assert "linear probe from latents to the state" in stdout
+    assert "random actions: success" in stdout  # then it planned
+    assert len(json.loads((run_dir / "eval" / "eval.json").read_text())["episodes"]["planner"]) == 3
     model = LeWorldModel.from_checkpoint(run_dir)
     assert model.history == 3 and model.frameskip == 2 and not model.training
     ckpt = load_checkpoint(run_dir)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
-from leworld.checkpoint import load_checkpoint, select
 from leworld.nn import Projector, build_backbone
 from leworld.nn.predictor import Predictor
 from leworld.sigreg import SIGReg
@@ -110,16 +109,13 @@ class LeWorldModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "LeWorldModel":
-        """The world model of a training run (its folder or checkpoint file), in eval mode. Reads
-        tensors and JSON only: nothing is unpickled."""
-        ckpt = load_checkpoint(path)
-        if ckpt.info.get("kind") != "world_model":
-            raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind', 'unknown')} checkpoint, not a world model's")
-        model = cls(ckpt.config["model"], ckpt.info["action_dim"])
-        load_weights(model, select(ckpt.tensors, "model"), ckpt.path)
-        model.train_config = ckpt.config  # how it was trained: env, data path and split, seed
-        model.dataset_info = ckpt.info.get("dataset", {})  # the training data's env, image shape, action statistics
-        return model.to(device).eval()
+        """A trained LeWorldModel in eval mode (leworld.models.load_world_model takes any world model)."""
+        from leworld.models import load_world_model  # the registry imports this module
+
+        model = load_world_model(path, device)
+        if not isinstance(model, cls):
+            raise LeworldError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
 
 def load_weights(module: nn.Module, tensors: dict[str, Tensor], source) -> None:

@@ -1,8 +1,11 @@
 """Vision Transformer with a CLS token.
 
-Parameter names follow the DINOv2 / timm layout (cls_token, pos_embed, blocks.i.attn.qkv, ...), so
-pretrained weights in that format map onto it by name. Position embeddings are learned for
-`image_size` and interpolated for any other size (multi-crop views, other resolutions).
+Parameter names follow the DINOv2 / timm layout (cls_token, pos_embed, blocks.i.attn.qkv,
+blocks.i.ls1.gamma, register_tokens, ...), so pretrained weights in that format map onto it by
+name. Position embeddings are learned for `image_size` and interpolated for any other size
+(multi-crop views, other resolutions). DINOv2's options are here too: layer scale (a learned
+per-channel factor on each residual branch) and register tokens (extra learned tokens after the
+CLS token, without position embedding, dropped from the output).
 """
 
 import torch
@@ -14,17 +17,20 @@ from leworld import LeworldError
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        if dim % heads:
-            raise LeworldError(f"ViT width {dim} is not divisible by heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+    """Multi-head self-attention; heads of dim / heads channels unless `head_dim` sets their width."""
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, L, dim)
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None):
+        super().__init__()
+        if head_dim is None and dim % heads:
+            raise LeworldError(f"ViT width {dim} is not divisible by heads={heads}")
+        inner = heads * (head_dim or dim // heads)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # x (B, L, dim); mask (L, L), True: may attend
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, dim / heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, dim / heads)
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -38,19 +44,31 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma = nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, with layer scale when `layer_scale` (its initial value) is set."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float | None = None,
+                 head_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, head_dim)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class ViT(nn.Module):
@@ -65,6 +83,8 @@ class ViT(nn.Module):
         heads: int = 3,
         mlp_ratio: float = 4.0,
         in_channels: int = 3,
+        layer_scale: float | None = None,
+        registers: int = 0,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -75,11 +95,14 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))  # CLS first, then patches
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, layer_scale) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if registers:
+            nn.init.trunc_normal_(self.register_tokens, std=0.02)
 
     def position_embedding(self, grid_h: int, grid_w: int) -> Tensor:
         """(1, 1 + grid_h·grid_w, dim): the learned table, bicubically resized for another grid."""
@@ -91,7 +114,7 @@ class ViT(nn.Module):
         return torch.cat([cls_pos, rearrange(patch_pos, "1 d h w -> 1 (h w) d")], dim=1)
 
     def forward_tokens(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, 1 + P, dim), CLS first."""
+        """Images (B, C, H, W) -> normalised tokens (B, 1 + P, dim), CLS first (registers dropped)."""
         height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise LeworldError(f"image size {height}x{width} is not a multiple of the ViT patch size {self.patch_size}")
@@ -100,9 +123,12 @@ class ViT(nn.Module):
         x = rearrange(patches, "b d h w -> b (h w) d")
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
         x = x + self.position_embedding(grid_h, grid_w)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if self.register_tokens is None else torch.cat([x[:, :1], x[:, 1 + self.register_tokens.shape[1]:]], 1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_tokens(images)[:, 0]

@@ -1,0 +1,155 @@
+"""The DINO-WM baseline: DINOv2-format weights load and reproduce DINOv2's forward pass, bad files
+are one clear line, and the baseline trains and plans through the same verbs as LeWorldModel."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_RUN, run
+from safetensors.torch import save_file
+
+from leworld import LeworldError
+from leworld.models import DinoWorldModel, load_world_model
+from leworld.models.dinowm import read_vit_weights
+
+
+def dinov2_state_dict(dim=384, depth=12, heads=6, patch=14, grid=37, registers=4, seed=0) -> dict:
+    """Random weights under DINOv2's key names and shapes (ViT-S/14 by default: 518-px position
+    table, layer scale, register tokens and the unused mask token)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, std=0.05: torch.randn(*shape, generator=g) * std  # noqa: E731
+    state = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + grid * grid, dim), "mask_token": r(1, dim),
+             "patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
+             "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
+    if registers:
+        state["register_tokens"] = r(1, registers, dim)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        state |= {b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim),
+                  b + "attn.qkv.bias": r(3 * dim), b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                  b + "ls1.gamma": r(dim, std=0.3), b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim),
+                  b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+                  b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim), b + "ls2.gamma": r(dim, std=0.3)}
+    return state
+
+
+def dinov2_reference(state: dict, images: torch.Tensor, heads: int) -> torch.Tensor:
+    """DINOv2's forward pass written out from its definition: normalised patch tokens (B, P, D)."""
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch)
+    b, d, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    table = state["pos_embed"][:, 1:].reshape(1, grid, grid, d).permute(0, 3, 1, 2)
+    table = F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, d)
+    x = torch.cat([state["cls_token"].expand(b, -1, -1) + state["pos_embed"][:, :1], x + table], 1)
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    if registers:
+        x = torch.cat([x[:, :1], state["register_tokens"].expand(b, -1, -1), x[:, 1:]], 1)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        p = lambda name: state[f"blocks.{i}.{name}"]  # noqa: E731
+        h = F.layer_norm(x, (d,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = (h @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(b, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1)
+        out = (attention @ v).transpose(1, 2).reshape(b, -1, d) @ p("attn.proj.weight").T + p("attn.proj.bias")
+        x = x + p("ls1.gamma") * out
+        h = F.layer_norm(x, (d,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        h = F.gelu(h @ p("mlp.fc1.weight").T + p("mlp.fc1.bias")) @ p("mlp.fc2.weight").T + p("mlp.fc2.bias")
+        x = x + p("ls2.gamma") * h
+    x = F.layer_norm(x, (d,), state["norm.weight"], state["norm.bias"], eps=1e-6)
+    return x[:, 1 + registers:]
+
+
+def tiny_model_cfg(**backbone) -> dict:
+    return {"type": "dinowm", "name": "dinowm", "image_size": 56, "history": 3, "frameskip": 2,
+            "encoder": {"weights": None, "heads": None, "backbone": backbone},
+            "predictor": {"depth": 1, "heads": 2, "head_dim": 16, "mlp_hidden": 64, "action_embed": 10}}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_dinov2_weights_reproduce_the_reference_forward(tmp_path, suffix):
+    state = dinov2_state_dict()
+    path = tmp_path / f"dinov2_vits14{suffix}"
+    torch.save({"teacher": state}, path) if suffix == ".pth" else save_file(state, path)
+    loaded, config = read_vit_weights(path)
+    assert config == {"name": "vit", "image_size": 518, "patch_size": 14, "dim": 384, "depth": 12, "heads": 6,
+                      "mlp_ratio": 4.0, "layer_scale": 1.0, "registers": 4}
+    model = DinoWorldModel(tiny_model_cfg(**config), action_dim=2)
+    model.encoder.load_state_dict(loaded)
+    pixels = torch.randint(0, 256, (2, 1, 3, 56, 56), dtype=torch.uint8)
+    tokens = model.encode(pixels)  # (2, 1, 16, 384)
+    from leworld.augment import normalize, to_float
+    expected = dinov2_reference(state, normalize(to_float(pixels[:, 0])), heads=6)
+    assert tokens.shape == (2, 1, 16, 384)
+    assert torch.allclose(tokens[:, 0], expected, atol=1e-4), (tokens[:, 0] - expected).abs().max()
+
+
+def test_bad_weight_files(tmp_path):
+    state = dinov2_state_dict(dim=64, depth=1, heads=1, grid=4, registers=0)
+    good = tmp_path / "good.pth"
+    torch.save(state, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(LeworldError, match="truncated or corrupt"):
+        read_vit_weights(truncated)
+    safetensors = tmp_path / "truncated.safetensors"
+    save_file(state, tmp_path / "whole.safetensors")
+    safetensors.write_bytes((tmp_path / "whole.safetensors").read_bytes()[:3000])
+    with pytest.raises(LeworldError, match="truncated or corrupt"):
+        read_vit_weights(safetensors)
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(LeworldError, match="no ViT weights in DINOv2's format"):
+        read_vit_weights(other)
+    with pytest.raises(LeworldError, match="do not exist"):
+        read_vit_weights(tmp_path / "missing.pth")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"cls_token": object()}, pickled)  # arbitrary objects are never unpickled
+    with pytest.raises(LeworldError, match="not a readable weights file"):
+        read_vit_weights(pickled)
+
+
+def test_predictor_is_frame_causal():
+    model = DinoWorldModel(tiny_model_cfg(name="vit", image_size=56, patch_size=14, dim=32, depth=1, heads=2), 2).eval()
+    tokens, actions = torch.randn(2, 3, 16, 32), torch.randn(2, 3, 4)
+    out = model.predict(tokens, actions)
+    changed = tokens.clone()
+    changed[:, 2] += 1  # the last frame changes: predictions from the first two must not
+    later = model.predict(changed, actions)
+    assert torch.allclose(out[:, :2], later[:, :2], atol=1e-6) and not torch.allclose(out[:, 2], later[:, 2])
+    costs = model.plan_cost(tokens, tokens[:, -1], torch.randn(2, 5, 2, 4), actions[:, :2])
+    assert costs.shape == (2, 5) and (costs >= 0).all()
+
+
+def test_baseline_trains_and_plans(data_path, trained, tmp_path):
+    weights = tmp_path / "dinov2_tiny.pth"
+    torch.save(dinov2_state_dict(dim=64, depth=2, heads=1, patch=8, grid=4, registers=2), weights)
+    run_dir = tmp_path / "dinowm"
+    tiny = [a for a in TINY_RUN if not a.startswith("model.")]
+    done = run("train", *tiny, "model=dinowm", f"model.encoder.weights={weights}", "model.image_size=32",
+               "model.frameskip=2", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.head_dim=16",
+               "model.predictor.mlp_hidden=128", f"data.path={data_path}", "train.epochs=8", "train.lr=1e-3",
+               f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"] and "sigreg" not in rows[-1]
+    model = load_world_model(run_dir)
+    assert isinstance(model, DinoWorldModel) and model.num_patches == 16
+    assert model.encoder.register_tokens.shape == (1, 2, 64)
+    assert torch.equal(model.encoder.cls_token, torch.load(weights)["cls_token"])  # frozen: never trained
+
+    out = tmp_path / "eval"
+    done = run("eval", f"ckpt={run_dir}", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
+               "protocol.episodes=3", "protocol.goal_offset=10", "protocol.budget=8", "protocol.horizon=2",
+               "videos=1", f"out_dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads((out / "eval.json").read_text())["episodes"]["planner"]) == 3
+
+
+def test_training_without_weights_is_one_line(data_path, tmp_path):
+    done = run("train", *[a for a in TINY_RUN if not a.startswith("model.")], "model=dinowm", f"data.path={data_path}",
+               f"run_dir={tmp_path / 'x'}")
+    assert done.returncode == 2 and "needs model.encoder.weights" in done.stderr.strip().splitlines()[-1]

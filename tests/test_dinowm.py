@@ -11,8 +11,10 @@ from conftest import TINY_RUN, run
 from safetensors.torch import save_file
 
 from leworld import LeworldError
+from leworld.augment import normalize, to_float
 from leworld.models import DinoWorldModel, load_world_model
 from leworld.models.dinowm import read_vit_weights
+from leworld.pretrain import load_encoder
 
 
 def dinov2_state_dict(dim=384, depth=12, heads=6, patch=14, grid=37, registers=4, seed=0) -> dict:
@@ -81,7 +83,6 @@ def test_dinov2_weights_reproduce_the_reference_forward(tmp_path, suffix):
     model.encoder.load_state_dict(loaded)
     pixels = torch.randint(0, 256, (2, 1, 3, 56, 56), dtype=torch.uint8)
     tokens = model.encode(pixels)  # (2, 1, 16, 384)
-    from leworld.augment import normalize, to_float
     expected = dinov2_reference(state, normalize(to_float(pixels[:, 0])), heads=6)
     assert tokens.shape == (2, 1, 16, 384)
     assert torch.allclose(tokens[:, 0], expected, atol=1e-4), (tokens[:, 0] - expected).abs().max()
@@ -153,3 +154,27 @@ def test_training_without_weights_is_one_line(data_path, tmp_path):
     done = run("train", *[a for a in TINY_RUN if not a.startswith("model.")], "model=dinowm", f"data.path={data_path}",
                f"run_dir={tmp_path / 'x'}")
     assert done.returncode == 2 and "needs model.encoder.weights" in done.stderr.strip().splitlines()[-1]
+
+
+def test_encoder_from_a_leworld_pretraining_run(tmp_path):
+    run_dir = tmp_path / "pretrained"
+    done = run("pretrain", "logger=none", "views.global.size=16", "views.local.size=8", "views.local.count=2",
+               "train.batch_size=16", "train.epochs=1", "backbone=vit_tiny", "backbone.image_size=16",
+               "backbone.patch_size=8", "backbone.dim=32", "backbone.depth=1", "backbone.heads=2",
+               "projector.hidden=[32]", "projector.out_dim=16", "loss.sigreg.num_slices=32", "data.per_class=8",
+               "data.size=16", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    state, config = read_vit_weights(run_dir)
+    assert config["dim"] == 32 and config["patch_size"] == 8 and config["heads"] == 2
+    model = DinoWorldModel(tiny_model_cfg(**config) | {"image_size": 32}, action_dim=2)
+    model.encoder.load_state_dict(state)
+    pixels = torch.randint(0, 256, (1, 1, 3, 32, 32), dtype=torch.uint8)
+    expected = load_encoder(run_dir).forward_tokens(normalize(to_float(pixels[:, 0])))[:, 1:]
+    assert torch.allclose(model.encode(pixels)[:, 0], expected, atol=1e-5)
+    convnet = tmp_path / "convnet"
+    assert run("pretrain", "logger=none", "views.global.size=16", "views.local.size=8", "views.local.count=2",
+               "train.batch_size=16", "train.epochs=1", "backbone=convnet_small", "backbone.widths=[8,16]",
+               "backbone.depths=[1,1]", "projector.hidden=[32]", "projector.out_dim=16",
+               "loss.sigreg.num_slices=32", "data.per_class=8", "data.size=16", f"run_dir={convnet}").returncode == 0
+    with pytest.raises(LeworldError, match="not an image-pretraining one with a ViT"):
+        read_vit_weights(convnet)

@@ -8,7 +8,7 @@ mean so that a good warm start is never lost. The plan is the final mean.
 import torch
 from torch import Tensor
 
-from planners.common import Bounds, CostFn, gather_samples
+from planners.common import Bounds, CostFn, gather_samples, sample_around
 
 
 class CEM:
@@ -28,10 +28,7 @@ class CEM:
         mean = torch.zeros(shape, device=self.device) if init is None else self.bounds.clamp(init.to(self.device))
         std = torch.full(shape, self.std, device=self.device)
         for _ in range(self.iterations):
-            noise = torch.randn((batch_size, self.samples, *shape[1:]), generator=self.generator, device=self.device)
-            candidates = mean[:, None] + std[:, None] * noise  # (B, S, H, A)
-            candidates[:, 0] = mean
-            candidates = self.bounds.clamp(candidates)
+            candidates = sample_around(mean, std, self.samples, self.bounds, self.generator)  # (B, S, H, A)
             costs = cost_fn(candidates).nan_to_num(nan=float("inf"))  # (B, S)
             elites = gather_samples(candidates, costs.topk(self.elites, dim=1, largest=False).indices)  # (B, K, H, A)
             mean, std = elites.mean(1), elites.std(1) if self.elites > 1 else std

@@ -27,3 +27,12 @@ class Bounds:
 def gather_samples(samples: Tensor, index: Tensor) -> Tensor:
     """samples (B, S, H, A), index (B, K) -> the chosen samples (B, K, H, A)."""
     return samples.gather(1, index[..., None, None].expand(-1, -1, *samples.shape[2:]))
+
+
+def sample_around(mean: Tensor, std: Tensor, samples: int, bounds: Bounds, generator: torch.Generator) -> Tensor:
+    """Gaussian plans around mean (B, H, A) with std (B, H, A), inside the bounds -> (B, S, H, A);
+    sample 0 is the mean itself, so that a good warm start is never lost."""
+    noise = torch.randn((mean.shape[0], samples, *mean.shape[1:]), generator=generator, device=mean.device)
+    candidates = mean[:, None] + std[:, None] * noise
+    candidates[:, 0] = mean
+    return bounds.clamp(candidates)

@@ -7,7 +7,7 @@ and what a receding-horizon loop executes best)."""
 import torch
 from torch import Tensor
 
-from planners.common import Bounds, CostFn, gather_samples
+from planners.common import Bounds, CostFn, gather_samples, sample_around
 
 
 class MPPI:
@@ -29,10 +29,7 @@ class MPPI:
         mean = torch.zeros(shape, device=self.device) if init is None else self.bounds.clamp(init.to(self.device))
         std = torch.full(shape, self.std, device=self.device)
         for _ in range(self.iterations):
-            noise = torch.randn((batch_size, self.samples, *shape[1:]), generator=self.generator, device=self.device)
-            candidates = mean[:, None] + std[:, None] * noise  # (B, S, H, A)
-            candidates[:, 0] = mean
-            candidates = self.bounds.clamp(candidates)
+            candidates = sample_around(mean, std, self.samples, self.bounds, self.generator)  # (B, S, H, A)
             costs = cost_fn(candidates).nan_to_num(nan=float("inf"))  # (B, S)
             elite_costs, index = costs.topk(self.elites, dim=1, largest=False)  # (B, K), cheapest first
             elites = gather_samples(candidates, index)  # (B, K, H, A)

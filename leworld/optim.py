@@ -18,6 +18,17 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) 
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                   grad_clip: float | None) -> None:
+    """Backward, clip the gradient norm (when grad_clip is set), step the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    schedule.step()
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_ratio: float):
     """Learning rate rising linearly over `warmup_steps`, then a cosine down to `final_ratio`·lr."""
 

@@ -29,7 +29,7 @@ from leworld.augment import MultiCrop
 from leworld.checkpoint import FILENAME, load_checkpoint, save_checkpoint, select
 from leworld.images import ImageBatches, ImageSet, load_image_set
 from leworld.nn import Projector, build_backbone
-from leworld.optim import adamw, warmup_cosine
+from leworld.optim import adamw, optimizer_step, warmup_cosine
 from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
 from leworld.runtime import (Processes, RunLog, autocast, new_run_dir, run_main, seed_everything,
                              start_processes, stop_processes)
@@ -208,12 +208,7 @@ def pretrain(cfg: DictConfig) -> dict:
                     global_views, local_views = views(images, generator)
                 with autocast(device):
                     out = net(global_views, local_views)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if cfg.train.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                schedule.step()
+                optimizer_step(out["loss"], model, optimizer, schedule, cfg.train.grad_clip)
                 if probe is not None:
                     probe.update(out["features"], labels)
                 for key in sums:
@@ -239,6 +234,7 @@ def pretrain(cfg: DictConfig) -> dict:
     finally:
         bar.close()  # before any error message, so that it gets a line of its own
     save()
+    del net  # DDP's reducer holds the process group: it must go while the other processes are still there
     stop_processes()
     if not procs.is_main:
         return {}

@@ -2,6 +2,7 @@
 processes it runs on, its run folder, and its log (console, metrics file, wandb)."""
 
 import datetime
+import gc
 import importlib.resources
 import json
 import os
@@ -130,7 +131,12 @@ def start_processes(device_name: str) -> Processes:
 
 
 def stop_processes() -> None:
+    """End the process group, all processes together. Whatever still holds the group (a DDP
+    wrapper) must be released first: a gloo group destroyed later, when its peers have exited, waits
+    for them forever."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

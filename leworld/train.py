@@ -29,7 +29,7 @@ from leworld.eval import run_eval
 from leworld.models import LeWorldModel
 from leworld.models.dinowm import build_dinowm
 from leworld.models.lewm import load_weights
-from leworld.optim import adamw, warmup_cosine
+from leworld.optim import adamw, optimizer_step, warmup_cosine
 from leworld.probe import probe_world_model
 from leworld.runtime import (Processes, RunLog, autocast, load_config, new_run_dir, run_main, seed_everything,
                              start_processes, stop_processes)
@@ -205,12 +205,7 @@ def train(cfg: DictConfig) -> dict:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
                     out = net(batch)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if cfg.train.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                schedule.step()
+                optimizer_step(out["loss"], model, optimizer, schedule, cfg.train.grad_clip)
                 step, batch_in_epoch, window = step + 1, batch_in_epoch + 1, window + 1
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value.detach()
@@ -243,6 +238,7 @@ def train(cfg: DictConfig) -> dict:
                 epoch, batch_in_epoch = epoch + 1, 0
     finally:
         bar.close()
+    del net  # DDP's reducer holds the process group: it must go while the other processes are still there
     stop_processes()
     if not procs.is_main:
         return {}

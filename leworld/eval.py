@@ -12,6 +12,7 @@ import datetime
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,21 +32,27 @@ from planners.mpc import run_mpc
 
 class LatentObjective:
     """The planning cost of a world model: squared distance between the last imagined latent and
-    the goal's. Goals are encoded once when it is made, the observed frames once per solve."""
+    the goal's. Goals are encoded once when it is made, the observed frames once per solve.
+    goal_proprio (B, Q) and proprio_of (an env's state (S,) -> its proprioception (Q,)) are for
+    world models that read proprioception; the others ignore it."""
 
-    def __init__(self, model, goal_pixels: np.ndarray, device: torch.device):
-        self.model, self.device = model, device
-        self.goals = self.encode(goal_pixels[:, None])[:, 0]  # (B, D)
+    def __init__(self, model, goal_pixels: np.ndarray, device: torch.device, goal_proprio: np.ndarray | None = None,
+                 proprio_of: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.model, self.device, self.proprio_of = model, device, proprio_of
+        self.goals = self.encode(goal_pixels[:, None], None if goal_proprio is None else goal_proprio[:, None])[:, 0]
 
     @torch.no_grad()
-    def encode(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 frames (B, T, H, W, 3) -> latents (B, T, D) in float32."""
+    def encode(self, pixels: np.ndarray, proprio: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 frames (B, T, H, W, 3) and proprio (B, T, Q) -> latents (B, T, D) in float32."""
         frames = rearrange(torch.from_numpy(pixels).to(self.device), "b t h w c -> b t c h w")
+        if proprio is not None:
+            proprio = torch.as_tensor(proprio, dtype=torch.float32, device=self.device)
         with autocast(self.device):
-            return self.model.encode(frames).float()
+            return self.model.encode(frames, proprio).float()
 
     def cost_fn(self, observed: dict, blocks: torch.Tensor | None, index: np.ndarray):
-        context = self.encode(observed["pixels"])  # (b, T, D)
+        proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])
+        context = self.encode(observed["pixels"], proprio)  # (b, T, D)
         goal = self.goals[torch.as_tensor(index, device=self.device)]
         taken = None if blocks is None else blocks.to(self.device)
 
@@ -103,7 +110,10 @@ def evaluate(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: Dict
         batch = [envs.make(env_cfg["name"], **env_cfg["kwargs"]) for _ in batch_rows]
         for env, row, goal in zip(batch, batch_rows, goals):
             env.reset(options={"state": state[int(row)].numpy().astype(np.float64), "goal": goal})
-        objective = LatentObjective(model, pixels[goal_rows].numpy(), device)
+        has_proprio = "proprio" in dataset.tensors.keys()
+        objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
+                                    dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
+                                    batch[0].proprio if has_proprio else None)
         result = run_mpc(batch, objective, planner, to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon, budget=protocol.budget, frameskip=fs,
                          history=model.history, record=first < record, synchronize=synchronize)

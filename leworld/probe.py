@@ -109,9 +109,11 @@ def encode_frames(model, dataset, episodes: np.ndarray, limit: int, device: torc
     rows = np.sort(np.random.default_rng(seed).permutation(rows)[:limit])
     latents = []
     for i in range(0, len(rows), batch_size):
-        pixels = dataset.tensors["pixels"][torch.as_tensor(rows[i:i + batch_size])].to(device)
+        index = torch.as_tensor(rows[i:i + batch_size])
+        pixels = dataset.tensors["pixels"][index].to(device)
+        proprio = dataset.tensors["proprio"][index, None].to(device) if "proprio" in dataset.tensors.keys() else None
         with autocast(device):
-            z = model.encode(rearrange(pixels, "n h w c -> n 1 c h w"))[:, 0].float()  # (n, D), or (n, P, E) patch tokens
+            z = model.encode(rearrange(pixels, "n h w c -> n 1 c h w"), proprio)[:, 0].float()  # (n, D), or (n, P, E) patch tokens
             latents.append((z if z.dim() == 2 else z.mean(1)).cpu())  # patch tokens: probe their average
     return torch.cat(latents), dataset.tensors["state"][torch.as_tensor(rows)].cpu()
 
@@ -127,8 +129,9 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
     for i in range(0, clips, 64):
         pixels = batch["pixels"][i:i + 64].to(device)
         actions = batch["actions"][i:i + 64].to(device)
+        proprio = batch["proprio"][i:i + 64].to(device) if "proprio" in batch else None
         with autocast(device):
-            z = model.encode(pixels).float()  # (b, history + H, D)
+            z = model.encode(pixels, proprio).float()  # (b, history + H, D)
             context = z[:, :model.history]
             imagined = model.rollout(context, actions[:, model.history - 1:model.history - 1 + horizon],
                                      actions[:, :model.history - 1]).float()

@@ -52,12 +52,12 @@ def ensure_dataset(cfg: DictConfig, procs: Processes) -> Path:
     return path
 
 
-def build_model(cfg: DictConfig, action_dim: int) -> nn.Module:
+def build_model(cfg: DictConfig, dataset: EpisodeDataset) -> nn.Module:
     """The world model of cfg.model: DINO-WM from its frozen encoder's weights, or LeWorldModel,
     whose backbone starts from an image pretraining checkpoint with model.encoder.init (its
     backbone config then replaces model.encoder.backbone)."""
     if cfg.model.type == "dinowm":
-        return build_dinowm(cfg, action_dim)
+        return build_dinowm(cfg, dataset)
     init = cfg.model.encoder.init
     if init is not None:
         ckpt = load_checkpoint(init)
@@ -65,7 +65,7 @@ def build_model(cfg: DictConfig, action_dim: int) -> nn.Module:
             raise LeworldError(f"model.encoder.init={init} is a {ckpt.info.get('kind')} checkpoint, not an image pretraining one")
         backbone = {k: v for k, v in ckpt.config["backbone"].items() if k != "weight_decay"}
         OmegaConf.update(cfg, "model.encoder.backbone", backbone, merge=False)
-    model = LeWorldModel(cfg.model, action_dim)
+    model = LeWorldModel(cfg.model, dataset.meta["action_dim"])
     if init is not None:
         load_weights(model.backbone, select(ckpt.tensors, "backbone"), init)
     return model
@@ -100,7 +100,7 @@ def recalibrate_batchnorm(model: nn.Module, clips: ClipSampler, batches: int, ba
     for _ in range(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in clips.sample(batch_size).items()}
         with autocast(device):
-            latents = model.encode(batch["pixels"])
+            latents = model.encode(batch["pixels"], batch.get("proprio"))
             model.predict(latents[:, :-1], batch["actions"][:, :-1])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -161,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
     val_batches = [ClipSampler(dataset, val_episodes, frames, frameskip, seed=cfg.seed).sample(cfg.train.batch_size)
                    for _ in range(cfg.train.val_batches)]
 
-    model = build_model(cfg, dataset.meta["action_dim"]).to(device)
+    model = build_model(cfg, dataset).to(device)
     if procs.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = DistributedDataParallel(model) if procs.world_size > 1 else model

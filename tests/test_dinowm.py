@@ -11,6 +11,7 @@ from conftest import TINY_RUN, run
 from safetensors.torch import save_file
 
 from leworld import LeworldError
+from leworld.data import EpisodeDataset
 from leworld.augment import normalize, to_float
 from leworld.models import DinoWorldModel, load_world_model
 from leworld.models.dinowm import read_vit_weights
@@ -178,3 +179,46 @@ def test_encoder_from_a_leworld_pretraining_run(tmp_path):
                "loss.sigreg.num_slices=32", "data.per_class=8", "data.size=16", f"run_dir={convnet}").returncode == 0
     with pytest.raises(LeworldError, match="not an image-pretraining one with a ViT"):
         read_vit_weights(convnet)
+
+
+def test_proprioception_rides_on_every_patch():
+    cfg = tiny_model_cfg(name="vit", image_size=56, patch_size=14, dim=32, depth=1, heads=2)
+    model = DinoWorldModel(cfg | {"proprio": {"use": True, "weight": 0.5, "dim": 3}}, 2).eval()
+    model.proprio_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    model.proprio_std.copy_(torch.tensor([2.0, 2.0, 2.0]))
+    pixels = torch.randint(0, 256, (2, 1, 3, 56, 56), dtype=torch.uint8)
+    tokens = model.encode(pixels, torch.tensor([[[3.0, 2.0, 1.0]], [[1.0, 2.0, 3.0]]]))  # (2, 1, 16, 32 + 3)
+    assert tokens.shape == (2, 1, 16, 35)
+    assert torch.equal(tokens[0, 0, :, 32:], torch.tensor([1.0, 0.0, -1.0]).expand(16, 3))  # normalised, on every patch
+    pixels_only = DinoWorldModel(cfg, 2).eval()
+    pixels_only.encoder.load_state_dict(model.encoder.state_dict())
+    assert torch.equal(tokens[..., :32], pixels_only.encode(pixels))  # the visual part is the encoder's tokens
+    moved = tokens.clone()
+    moved[..., 32:] += 2.0  # only the proprioception differs: the distance is weight x its error
+    assert torch.allclose(model.distance(moved, tokens), torch.full((2, 1), 0.5 * 4.0))
+    with pytest.raises(LeworldError, match="pass proprio"):
+        model.encode(pixels)
+
+
+def test_baseline_with_proprioception_trains_and_plans(data_path, trained, tmp_path):
+    weights = tmp_path / "dinov2_tiny.pth"
+    torch.save(dinov2_state_dict(dim=32, depth=1, heads=1, patch=8, grid=4, registers=0), weights)
+    run_dir = tmp_path / "dinowm"
+    tiny = [a for a in TINY_RUN if not a.startswith("model.")]
+    done = run("train", *tiny, "model=dinowm", f"model.encoder.weights={weights}", "model.image_size=32",
+               "model.frameskip=2", "model.predictor.depth=1", "model.predictor.heads=2", "model.predictor.head_dim=16",
+               "model.predictor.mlp_hidden=64", "model.proprio.use=true", f"data.path={data_path}", "train.epochs=4",
+               "train.lr=1e-3", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    model = load_world_model(run_dir)
+    proprio = EpisodeDataset.open(data_path).tensors["proprio"][:]  # TwoRoom: agent position and velocity
+    assert model.proprio_dim == 4 and torch.allclose(model.proprio_mean, proprio.mean(0))
+
+    out = tmp_path / "eval"
+    done = run("eval", f"ckpt={run_dir}", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
+               "protocol.episodes=2", "protocol.goal_offset=10", "protocol.budget=4", "protocol.horizon=2",
+               "random_baseline=false", "videos=0", f"out_dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads((out / "eval.json").read_text())["episodes"]["planner"]) == 2

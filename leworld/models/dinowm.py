@@ -7,6 +7,10 @@ LeWorldModel is measured against.
                                                            embedding concatenated to every patch token
     loss      = MSE(tokens'_t+1, tokens_t+1)               teacher forcing; the encoder never trains
 
+With proprioception (model.proprio.use, DINO-WM's default on its robot tasks) every patch token
+also carries the frame's normalised proprioceptive vector (Q values): the predictor reads it and
+predicts the next one, and loss and planning cost add its error weighted by model.proprio.weight.
+
 The encoder's weights come from a DINOv2-format file (.pth or .safetensors with DINOv2's key names)
 or from a leworld image-pretraining checkpoint with a ViT backbone: nothing is downloaded. It has
 the world-model interface of LeWorldModel (encode, predict, rollout, plan_cost, loss), so the same
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
 from leworld.checkpoint import FILENAME, load_checkpoint, select
+from leworld.data import EpisodeDataset
 from leworld.models.lewm import load_weights
 from leworld.nn.vit import Block, ViT
 
@@ -75,10 +80,17 @@ class DinoWorldModel(nn.Module):
         if cfg.image_size % patch:
             raise LeworldError(f"model.image_size {cfg.image_size} is not a multiple of the encoder's patch size {patch}")
         self.num_patches, self.token_dim = (cfg.image_size // patch) ** 2, self.encoder.feature_dim
+        # Q: proprioceptive values per frame, written into the config from the dataset by build_dinowm
+        use_proprio = OmegaConf.select(cfg, "proprio.use", default=False)
+        self.proprio_dim = int(cfg.proprio.dim) if use_proprio else 0
+        self.proprio_weight = cfg.proprio.weight if use_proprio else 0.0
+        if use_proprio:  # the training data's proprioception statistics, saved with the weights
+            self.register_buffer("proprio_mean", torch.zeros(self.proprio_dim))
+            self.register_buffer("proprio_std", torch.ones(self.proprio_dim))
         p = cfg.predictor
         self.action_encoder = nn.Linear(cfg.frameskip * action_dim, p.action_embed)
-        self.predictor = FramePredictor(self.num_patches, self.token_dim, p.action_embed, p.depth, p.heads,
-                                        p.head_dim, p.mlp_hidden, cfg.history)
+        self.predictor = FramePredictor(self.num_patches, self.token_dim + self.proprio_dim, p.action_embed, p.depth,
+                                        p.heads, p.head_dim, p.mlp_hidden, cfg.history)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -88,11 +100,27 @@ class DinoWorldModel(nn.Module):
     # ---- the world-model interface ------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """uint8 frames (B, T, 3, H, W) -> patch tokens (B, T, P, E)."""
+    def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:
+        """uint8 frames (B, T, 3, H, W) and, with proprioception, raw proprio (B, T, Q) -> patch
+        tokens (B, T, P, E), or (B, T, P, E + Q) with the normalised proprio on every patch."""
         frames = rearrange(pixels, "b t c h w -> (b t) c h w")
         tokens = self.encoder.forward_tokens(normalize(resize(to_float(frames), self.image_size)))[:, 1:]
-        return rearrange(tokens, "(b t) p e -> b t p e", b=pixels.shape[0])
+        tokens = rearrange(tokens, "(b t) p e -> b t p e", b=pixels.shape[0])
+        if not self.proprio_dim:
+            return tokens
+        if proprio is None:
+            raise LeworldError("this DINO-WM was trained with proprioception (model.proprio.use): pass proprio (B, T, Q)")
+        normalised = (proprio.to(tokens.dtype) - self.proprio_mean) / self.proprio_std  # (B, T, Q)
+        return torch.cat([tokens, repeat(normalised, "b t q -> b t p q", p=self.num_patches)], dim=-1)
+
+    def distance(self, tokens: Tensor, target: Tensor) -> Tensor:
+        """Mean squared error over patches and channels (..., P, E [+ Q]) -> (...): the visual part,
+        plus proprio.weight times the proprioceptive part."""
+        visual = (tokens[..., :self.token_dim] - target[..., :self.token_dim]).square().mean((-2, -1))
+        if not self.proprio_dim:
+            return visual
+        proprio = (tokens[..., self.token_dim:] - target[..., self.token_dim:]).square().mean((-2, -1))
+        return visual + self.proprio_weight * proprio
 
     def predict(self, latents: Tensor, actions: Tensor) -> Tensor:
         """Teacher forcing: tokens (B, T, P, E) and the action blocks after each frame (B, T, fs·A)
@@ -114,21 +142,24 @@ class DinoWorldModel(nn.Module):
         return torch.cat(predictions, dim=1)
 
     def plan_cost(self, context: Tensor, goal: Tensor, actions: Tensor, context_actions: Tensor | None = None) -> Tensor:
-        """context (B, Tc, P, E), goal (B, P, E), action blocks (B, S, H, fs·A) -> mean squared
-        distance of each plan's last imagined tokens to the goal's (B, S)."""
+        """context (B, Tc, P, E), goal (B, P, E), action blocks (B, S, H, fs·A) -> distance of each
+        plan's last imagined tokens to the goal's (B, S) (E includes Q with proprioception)."""
         b, s = actions.shape[:2]
         context = repeat(context, "b t p e -> (b s) t p e", s=s)
         if context_actions is not None:
             context_actions = repeat(context_actions, "b t a -> (b s) t a", s=s)
         final = self.rollout(context, rearrange(actions, "b s h a -> (b s) h a"), context_actions)[:, -1]
-        distance = (final - repeat(goal, "b p e -> (b s) p e", s=s)).square().mean((-2, -1))
+        distance = self.distance(final, repeat(goal, "b p e -> (b s) p e", s=s))
         return rearrange(distance, "(b s) -> b s", b=b)
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """batch: pixels (B, T, 3, H, W) uint8 and actions (B, T, fs·A), T = history + 1."""
-        tokens = self.encode(batch["pixels"])  # (B, T, P, E), no gradient
+        """batch: pixels (B, T, 3, H, W) uint8, actions (B, T, fs·A), T = history + 1, and with
+        proprioception proprio (B, T, Q)."""
+        if self.proprio_dim and "proprio" not in batch:
+            raise LeworldError("model.proprio.use=true but the dataset has no proprioception; drop the override")
+        tokens = self.encode(batch["pixels"], batch.get("proprio"))  # (B, T, P, E [+ Q]), no gradient
         predicted = self.predict(tokens[:, :-1], batch["actions"][:, :-1])
-        pred = (predicted - tokens[:, 1:]).square().mean()
+        pred = self.distance(predicted, tokens[:, 1:]).mean()
         return {"loss": pred, "pred": pred}
 
     forward = loss
@@ -189,15 +220,24 @@ def vit_config(state: dict[str, Tensor], heads: int | None = None) -> dict:
     return config
 
 
-def build_dinowm(cfg: DictConfig, action_dim: int) -> DinoWorldModel:
-    """A DINO-WM to train: the encoder's architecture read from its weights (the config records
-    it, so checkpoints rebuild it), then the weights loaded."""
+def build_dinowm(cfg: DictConfig, dataset: EpisodeDataset) -> DinoWorldModel:
+    """A DINO-WM to train on `dataset`: the encoder's architecture read from its weights and the
+    proprioception's size from the data (the config records both, so checkpoints rebuild it),
+    then the weights and the proprioception statistics loaded."""
     weights = cfg.model.encoder.weights
     if weights is None:
         raise LeworldError("model=dinowm needs model.encoder.weights=<a DINOv2 .pth/.safetensors file or a leworld "
                            "image-pretraining run with a ViT>; nothing is downloaded")
     state, config = read_vit_weights(weights, cfg.model.encoder.heads)
     OmegaConf.update(cfg, "model.encoder.backbone", config, merge=False)
-    model = DinoWorldModel(cfg.model, action_dim)
+    if cfg.model.proprio.use:
+        if "proprio" not in dataset.tensors.keys():
+            raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
+        cfg.model.proprio.dim = dataset.meta["proprio_dim"]
+    model = DinoWorldModel(cfg.model, dataset.meta["action_dim"])
     load_weights(model.encoder, state, weights)
+    if model.proprio_dim:
+        proprio = dataset.tensors["proprio"][:].float()  # (N, Q)
+        model.proprio_mean.copy_(proprio.mean(0))
+        model.proprio_std.copy_(proprio.std(0).clamp_min(1e-6))
     return model

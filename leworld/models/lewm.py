@@ -52,8 +52,9 @@ class LeWorldModel(nn.Module):
 
     # ---- the interface planners and probes use -------------------------------------------------
 
-    def encode(self, pixels: Tensor) -> Tensor:
-        """uint8 frames (B, T, 3, H, W) -> latents (B, T, D)."""
+    def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:
+        """uint8 frames (B, T, 3, H, W) -> latents (B, T, D). LeWorldModel sees pixels only;
+        `proprio` is there for the common interface (world models that read it take it)."""
         frames = rearrange(pixels, "b t c h w -> (b t) c h w")
         features = self.backbone(normalize(resize(to_float(frames), self.image_size)))
         return rearrange(self.projector(features), "(b t) d -> b t d", b=pixels.shape[0])

@@ -147,7 +147,8 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
 def probe_world_model(model, dataset, train_episodes, val_episodes, spec, seed: int, device, say=print) -> dict:
     """How much the latents know: a linear probe to the physical state on held-out frames, for the
     trained encoder and for the same encoder at random initialisation, and the rollout error
-    against "nothing changes". spec: frames, clips, horizon, ridge (configs/probe.yaml)."""
+    against "nothing changes". spec: frames, clips, horizon, ridge (configs/probe.yaml). A DINO-WM
+    with proprioception carries the agent's own state in its tokens, so the probe reads it from there."""
     env_class = ENVS[dataset.meta["env"]["name"]]
     torch.manual_seed(seed)
     untrained = type(model)(model.cfg, model.action_dim).to(device).eval()

@@ -21,7 +21,10 @@ import numpy as np  # noqa: E402
 
 class EnvError(ValueError):
     """A problem with what was asked of an environment (a bad action, state or size), or with the
-    machine's means to render it."""
+    machine's means to render it. `user_error` is the protocol by which callers (leworld's verbs)
+    print it as one line without importing this package."""
+
+    user_error = True
 
 
 try:  # importing mujoco loads the GL back end that MUJOCO_GL names, which fails on some machines
@@ -81,8 +84,7 @@ class MujocoEnv(gym.Env):
     state_names: list[str] = []  # one per state entry, for tables and probes
     angle_dims: tuple[int, ...] = ()  # entries that are angles
     physics_dt = 0.01
-    frame_skip = 10  # physics steps per action
-    render_fps = 10
+    physics_steps = 10  # physics steps per env step (per action)
 
     def __init__(self, image_size: int = 64):
         if GL_FAILURE:
@@ -137,7 +139,7 @@ class MujocoEnv(gym.Env):
         if not np.isfinite(action).all():
             raise EnvError(f"{type(self).__name__} got an action with NaN or inf: {action}")
         self.apply_action(np.clip(action, self.action_space.low, self.action_space.high))
-        mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+        mujoco.mj_step(self.model, self.data, nstep=self.physics_steps)
         # mj_step leaves body poses (what is drawn) from before its last integration: bring them up
         # to date, so that a frame shows exactly the state reported with it
         mujoco.mj_forward(self.model, self.data)

@@ -51,7 +51,7 @@ class PushTEnv(MujocoEnv):
                    "agent_vx", "agent_vy", "block_vx", "block_vy", "block_spin"]
     angle_dims = (4,)  # compared modulo 2π
     physics_dt = 0.01
-    frame_skip = 10
+    physics_steps = 10
     state_scale = [UNIT] * 4 + [1.0] + [UNIT] * 4 + [1.0]  # MuJoCo units to workspace units
 
     def __init__(self, image_size: int = 64, block_damping: float = 30.0, block_friction_loss: float = 20.0):

@@ -21,8 +21,7 @@ class ReacherEnv(MujocoEnv):
     state_names = ["shoulder", "elbow", "shoulder_velocity", "elbow_velocity"]
     angle_dims = (0, 1)  # compared modulo 2π
     physics_dt = 0.01
-    frame_skip = 5
-    render_fps = 20
+    physics_steps = 5
 
     def __init__(self, image_size: int = 64):
         super().__init__(image_size)

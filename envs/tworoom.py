@@ -27,7 +27,7 @@ class TwoRoomEnv(MujocoEnv):
     state_names = ["x", "y", "vx", "vy"]
     angle_dims = ()
     physics_dt = 0.01
-    frame_skip = 10
+    physics_steps = 10
     state_scale = UNIT
 
     def __init__(self, image_size: int = 64):

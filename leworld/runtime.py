@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from envs.base import EnvError
 from leworld import LeworldError
 
 CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
@@ -59,6 +58,22 @@ def require(cfg: DictConfig, key: str, message: str):
         raise LeworldError(message) from None
 
 
+def check_values(cfg: DictConfig, rules: dict[str, tuple[type, float | None, float | None]]) -> None:
+    """Check config values before any work: rules maps a dotted key to (type, lowest, highest),
+    type int or float (an int is a float too), either bound None for none. -> LeworldError naming
+    the key and what it must be."""
+    for key, (kind, low, high) in rules.items():
+        value = OmegaConf.select(cfg, key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            numeric = False
+        if not numeric or value != value or (low is not None and value < low) or (high is not None and value > high):
+            wanted = "an integer" if kind is int else "a number"
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                              f"<= {high}" if high is not None else "") if b)
+            raise LeworldError(f"{key}={value!r}: it must be {wanted}{' ' + bounds if bounds else ''}")
+
+
 def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[str] | None = None) -> None:
     """Entry point of a verb: `python -m leworld.<verb> key=value ...` (args: sys.argv[1:]).
 
@@ -70,7 +85,9 @@ def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[s
             print_help(config_name, load_config(config_name, args[1:]))
         else:
             run(load_config(config_name, args))
-    except (LeworldError, EnvError) as err:
+    except Exception as err:
+        if not getattr(err, "user_error", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

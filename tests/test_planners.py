@@ -99,7 +99,7 @@ class SimulatorObjective:
                     self.sim.set_state(starts[row])
                     for action in raw[row, sample]:
                         self.sim.apply_action(np.clip(action, -1, 1))
-                        mujoco.mj_step(self.sim.model, self.sim.data, nstep=self.sim.frame_skip)
+                        mujoco.mj_step(self.sim.model, self.sim.data, nstep=self.sim.physics_steps)
                     costs[row, sample] = self.distance(self.sim.get_state(), self.goals[index[row]])
             return torch.as_tensor(costs)
 

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import envs
 from leworld.collect import collect
-from leworld.data import ClipSampler, EpisodeDataset
+from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
 from leworld.models import WORLD_MODELS
 from leworld.runtime import autocast, load_config, pick_device, run_main
 from leworld.sigreg import SIGReg, quadrature
@@ -194,13 +194,16 @@ def bench_sampler(cfg: DictConfig) -> None:
         print("|---|---:|---:|")
         episodes = np.arange(dataset.num_episodes)
         for source, data in [("memory map", dataset), (f"in memory ({device.type})", dataset.to(device))]:
-            sampler = ClipSampler(data, episodes, spec.frames, spec.frameskip)
+            stats = dataset.meta["stats"]["action"]
+            codec = ActionCodec.from_stats(stats, stats["min"], stats["max"], spec.frameskip)
+            sampler = ClipSampler(data, episodes, spec.frames, codec)
+            generator = sampler.generator(0)
             for batch_size in spec.batch_sizes:
-                sampler.sample(batch_size)  # warm-up
+                sampler.sample(batch_size, generator)  # warm-up
                 _sync(device)
                 start, clips = time.perf_counter(), 0
                 while time.perf_counter() - start < spec.seconds:
-                    batch = sampler.sample(batch_size)
+                    batch = sampler.sample(batch_size, generator)
                     clips += batch_size
                 _sync(device)
                 print(f"| {source} | {batch_size} | {clips / (time.perf_counter() - start):.0f} |", flush=True)
@@ -215,7 +218,7 @@ def bench_planning(cfg: DictConfig) -> None:
     spec = cfg.planning
     device = pick_device(cfg.device)
     total = spec.cem.samples * spec.cem.iterations
-    print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} blocks, "
+    print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} chunks, "
           f"{spec.context} context frames; random weights, median of {spec.repeats}")
     print(f"machine: {_machine(device)}")
     print(f"command: python -m leworld.bench planning {' '.join(sys.argv[2:])}".rstrip() + "\n")
@@ -224,8 +227,9 @@ def bench_planning(cfg: DictConfig) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results, memory_runs = {}, []
     for name in spec.models:
-        model_cfg = load_config("train", [f"model={name}"]).model
-        model = WORLD_MODELS[model_cfg.type](model_cfg, action_dim=2).to(device).eval().requires_grad_(False)
+        model_cfg = load_config("train", [f"model={name}", "scale=gpu"]).model  # the published sizes: 224 px
+        codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), model_cfg.frameskip)  # PushT's 2-d actions
+        model = WORLD_MODELS[model_cfg.type](model_cfg, codec).to(device).eval().requires_grad_(False)
         parameters = sum(p.numel() for p in model.parameters())
         measure = spec.measure.get(name) or {}
         samples = min(spec.cem.samples, measure.get("samples") or spec.cem.samples)
@@ -235,8 +239,8 @@ def bench_planning(cfg: DictConfig) -> None:
             generator = torch.Generator().manual_seed(0)
             frames = torch.randint(0, 256, (b, spec.context + 1, 3, model.image_size, model.image_size),
                                    dtype=torch.uint8, generator=generator).to(device)
-            taken = torch.randn(b, spec.context - 1, model.frameskip * 2, generator=generator).to(device)
-            planner = CEM(model.frameskip * 2, samples=samples, iterations=iterations, device=device,
+            taken = torch.randn(b, spec.context - 1, model.codec.block_dim, generator=generator).to(device)
+            planner = CEM(model.codec.block_dim, samples=samples, iterations=iterations, device=device,
                           elites=max(2, round(spec.cem.elites * samples / spec.cem.samples)))
 
             def encode():
@@ -249,7 +253,7 @@ def bench_planning(cfg: DictConfig) -> None:
 
             with torch.no_grad(), autocast(device):
                 context, goal = encode()  # warm-up
-                model.plan_cost(context, goal, torch.zeros(b, 2, spec.horizon, model.frameskip * 2, device=device), taken)
+                model.plan_cost(context, goal, torch.zeros(b, 2, spec.horizon, model.codec.block_dim, device=device), taken)
                 times = []
                 for _ in range(spec.repeats):
                     _sync(device)
@@ -264,7 +268,7 @@ def bench_planning(cfg: DictConfig) -> None:
                 with FlopCounterMode(display=False) as flops:
                     context, goal = encode()
                 encode_flops = flops.get_total_flops()
-                plans = torch.zeros(b, samples, spec.horizon, model.frameskip * 2, device=device)
+                plans = torch.zeros(b, samples, spec.horizon, model.codec.block_dim, device=device)
                 with FlopCounterMode(display=False) as flops:
                     model.plan_cost(context, goal, plans, taken)
                 gflop = (encode_flops + flops.get_total_flops() * spec.cem.iterations * spec.cem.samples / samples) / 1e9

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
-from torch import Tensor
+from torch import Tensor, nn
 
 from leworld import LeworldError
 
@@ -38,11 +38,17 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict, 
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config), "info": json.dumps(info)}
     payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, metadata)
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was kept"
+        raise LeworldError(f"could not write {path} ({err.strerror or err}; {len(payload) / 2**20:.0f} MiB); {kept}: "
+                           "free space or make the folder writable") from None
     return path
 
 
@@ -67,9 +73,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     metadata = header.get("__metadata__", {})
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise LeworldError(f"{path} is a safetensors file but not a leworld checkpoint (no leworld config inside)")
-    if int(metadata["version"]) > VERSION:
-        raise LeworldError(f"{path} was written by a newer leworld (format {metadata['version']}); upgrade leworld")
-    return Checkpoint(tensors, json.loads(metadata["config"]), json.loads(metadata.get("info", "{}")), path)
+    version = metadata.get("version", "")
+    if not version.isdigit():
+        raise LeworldError(f"{path} has no valid format version in its metadata ({version!r}); it was not written by "
+                           "leworld, or was edited")
+    if int(version) > VERSION:
+        raise LeworldError(f"{path} was written by a newer leworld (format {version}); upgrade leworld")
+    try:
+        return Checkpoint(tensors, json.loads(metadata["config"]), json.loads(metadata.get("info", "{}")), path)
+    except json.JSONDecodeError as err:
+        raise LeworldError(f"{path} has unreadable metadata ({err}); it may be corrupt") from None
+
+
+def load_weights(module: nn.Module, tensors: dict[str, Tensor], source) -> None:
+    """Load a state dict, with one clear error when it does not fit the module."""
+    try:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: the config describes another model
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:200])
+        raise LeworldError(f"{source} does not fit the model its config describes ({first})") from None
+    if missing or unexpected:
+        raise LeworldError(f"{source} does not fit the model its config describes "
+                           f"(missing {json.dumps(missing[:3])}, unexpected {json.dumps(unexpected[:3])})")
 
 
 def select(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -16,6 +16,8 @@ normalised with the dataset's statistics: block k is what moves frame k to frame
 crosses an episode boundary.
 """
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +42,38 @@ def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
         return [f"{root} does not exist"]
     meta_file = root / "meta.json"
     if not meta_file.is_file():
-        partial = (root / "episodes").is_dir()
+        partial = (root / "collection.json").is_file()  # collect.MARKER: leworld is collecting into the folder
         return [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with resume=true)"
                                                  if partial else "it is not a leworld dataset")]
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
         return [f"{meta_file} is not valid JSON ({err})"]
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return [f"{meta_file} does not describe a leworld dataset"]
+    # every key that readers of a dataset use: a damaged meta.json is one line here, not a KeyError later
+    required = {"num_frames": int, "num_episodes": int, "episode_lengths": list, "image_shape": list,
+                "action_dim": int, "state_dim": int, "stats": dict, "env": dict}
+    damaged = f"{meta_file} is damaged (restore it or collect the dataset again): "
+    for key, kind in {**required, "version": int, "proprio_dim": int}.items():
+        if key not in meta:
+            if key in required:
+                return [damaged + f"it has no '{key}'"]
+        elif not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            return [damaged + f"'{key}' is {json.dumps(meta[key])}, not {'an integer' if kind is int else 'a ' + kind.__name__}"]
     if meta.get("version", 0) > VERSION:
         return [f"{root} was written by a newer leworld (format {meta['version']}); upgrade leworld"]
+    n, lengths, action_stats = meta["num_frames"], meta["episode_lengths"], meta["stats"].get("action")
+    counts = [meta["action_dim"], meta["state_dim"], *meta["image_shape"], *lengths]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts) or len(meta["image_shape"]) != 3:
+        return [damaged + "its dimensions and episode lengths must be positive integers (image_shape three of them)"]
+    if len(lengths) != meta["num_episodes"] or sum(lengths) != n:
+        return [damaged + f"'episode_lengths' lists {len(lengths)} episodes of {sum(lengths)} frames, but it says "
+                          f"num_episodes {meta['num_episodes']} and num_frames {n}"]
+    if not isinstance(meta["env"].get("name"), str) or not isinstance(action_stats, dict) or not all(
+            isinstance(action_stats.get(k), list) and len(action_stats[k]) == meta["action_dim"]
+            and all(isinstance(x, (int, float)) and np.isfinite(x) for x in action_stats[k]) for k in ("mean", "std")):
+        return [damaged + "it lacks the env's name or the finite mean and std of the actions"]
     tensors = root / "tensors"
     try:
         layout = json.loads((tensors / "meta.json").read_text())
@@ -58,18 +81,18 @@ def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
         return [f"{tensors} is missing or unreadable ({err})"]
 
     problems = []
-    n = meta["num_frames"]
     expected = {"pixels": ("torch.uint8", [n, *meta["image_shape"]]), "episode": ("torch.int64", [n]),
                 "step": ("torch.int64", [n]), "action": ("torch.float32", [n, meta["action_dim"]]),
                 "state": ("torch.float32", [n, meta["state_dim"]])}
     if meta.get("proprio_dim"):
         expected["proprio"] = ("torch.float32", [n, meta["proprio_dim"]])
     for key, (dtype, shape) in expected.items():
-        if key not in layout:
+        entry = layout.get(key) if isinstance(layout, dict) else None
+        if not isinstance(entry, dict):
             problems.append(f"{tensors} has no '{key}'")
             continue
-        if layout[key]["dtype"] != dtype or layout[key]["shape"] != shape:
-            problems.append(f"'{key}' is {layout[key]['dtype']} {layout[key]['shape']}, meta.json says {dtype} {shape}")
+        if entry.get("dtype") != dtype or entry.get("shape") != shape:
+            problems.append(f"'{key}' is {entry.get('dtype')} {entry.get('shape')}, meta.json says {dtype} {shape}")
             continue
         file = tensors / f"{key}.memmap"
         size = int(np.prod(shape)) * torch.empty((), dtype=getattr(torch, dtype.split(".")[1])).element_size()
@@ -111,6 +134,9 @@ class EpisodeDataset:
         root = Path(path)
         meta = json.loads((root / "meta.json").read_text())
         tensors = TensorDict.load_memmap(root / "tensors")
+        for key in FLOAT_KEYS:  # small next to the pixels, which are not read; NaN here would reach training
+            if key in tensors.keys() and not torch.isfinite(tensors[key]).all():
+                raise LeworldError(f"dataset {path}: '{key}' holds NaN or inf; collect the dataset again")
         lengths = np.asarray(meta["episode_lengths"])
         return cls(root, meta, tensors, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
 
@@ -132,30 +158,81 @@ class EpisodeDataset:
             raise LeworldError(f"a held-out fraction of {val_fraction} of {self.num_episodes} episodes leaves a split empty")
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
-    def normalise_actions(self, actions: Tensor) -> Tensor:
-        stats = self.meta["stats"]["action"]
-        mean = actions.new_tensor(stats["mean"])
-        std = actions.new_tensor(stats["std"]).clamp_min(1e-6)
-        return (actions - mean) / std
+    def fingerprint(self) -> str:
+        """A short hash of meta.json: it changes when the dataset is collected again (its creation time,
+        episode lengths and statistics are in it), so a checkpoint can tell its own data from another."""
+        return hashlib.sha256((self.path / "meta.json").read_bytes()).hexdigest()[:16]
 
-    def denormalise_actions(self, actions: Tensor) -> Tensor:
-        stats = self.meta["stats"]["action"]
-        return actions * actions.new_tensor(stats["std"]).clamp_min(1e-6) + actions.new_tensor(stats["mean"])
+
+@dataclass(frozen=True)
+class ActionCodec:
+    """Raw env actions <-> the action blocks a world model sees and plans in.
+
+    A block is the `frameskip` raw actions (A each) taken between two kept frames, each normalised
+    by the training data's mean and std, concatenated in time order: [a_t, a_t+1, ...] (fs·A,).
+    low / high are the environment's raw action bounds. A checkpoint saves its model's codec, so
+    planning searches the action space the model was trained in whatever dataset is at hand.
+    """
+
+    mean: tuple[float, ...]  # (A,)
+    std: tuple[float, ...]  # (A,), at least 1e-6
+    low: tuple[float, ...]  # (A,)
+    high: tuple[float, ...]  # (A,)
+    frameskip: int
+
+    @classmethod
+    def from_stats(cls, stats: dict, low, high, frameskip: int) -> "ActionCodec":
+        """From a dataset's action statistics (meta.json's stats.action) and the env's bounds."""
+        std = np.maximum(np.asarray(stats["std"], dtype=float), 1e-6)
+        return cls(tuple(map(float, stats["mean"])), tuple(map(float, std)), tuple(map(float, low)),
+                   tuple(map(float, high)), int(frameskip))
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.mean)
+
+    @property
+    def block_dim(self) -> int:
+        return self.frameskip * self.action_dim
+
+    def to_blocks(self, raw: Tensor) -> Tensor:
+        """Raw actions (..., K·fs, A) -> normalised blocks (..., K, fs·A)."""
+        normalised = (raw - raw.new_tensor(self.mean)) / raw.new_tensor(self.std)
+        return rearrange(normalised, "... (k f) a -> ... k (f a)", f=self.frameskip)
+
+    def to_env(self, blocks: Tensor) -> np.ndarray:
+        """Normalised blocks (..., K, fs·A) -> raw actions (..., K·fs, A) inside the env's bounds."""
+        normalised = rearrange(blocks.detach().float().cpu(), "... k (f a) -> ... (k f) a", f=self.frameskip).numpy()
+        return np.clip(normalised * self.std + np.asarray(self.mean), self.low, self.high)
+
+    def bounds(self, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+        """The env's bounds as normalised blocks: (low, high), each (fs·A,)."""
+        low, high = (torch.tensor(v, dtype=torch.float32, device=device) for v in (self.low, self.high))
+        return self.to_blocks(low.expand(self.frameskip, -1))[0], self.to_blocks(high.expand(self.frameskip, -1))[0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "ActionCodec":
+        return cls(**{f.name: tuple(saved[f.name]) if f.name != "frameskip" else int(saved[f.name])
+                      for f in dataclasses.fields(cls)})
 
 
 class ClipSampler:
-    """Clips of `num_frames` frames `frameskip` steps apart from the given episodes.
+    """Clips of `num_frames` frames `codec.frameskip` steps apart from the given episodes.
 
-    sample(B) draws B clips at random; epoch(B, seed) goes once through every clip (all start
-    frames) in an order fixed by the seed, so that a resumed run can pick up mid-epoch. Both give:
+    sample(B, generator) draws B clips at random; epoch(B, seed) goes once through every clip (all
+    start frames) in an order fixed by the seed, so that a resumed run can pick up mid-epoch. Both give:
         pixels  (B, T, 3, H, W) uint8
-        actions (B, T, fs·A) float32, normalised; block k moves frame k to frame k+1
+        actions (B, T, fs·A) float32, blocks of the codec; block k moves frame k to frame k+1
         state   (B, T, S) float32, and proprio (B, T, P) where the dataset has it
     Gathering runs where the dataset's tensors are: on a GPU after dataset.to("cuda").
     """
 
-    def __init__(self, dataset: EpisodeDataset, episodes: np.ndarray, num_frames: int, frameskip: int, seed: int = 0):
-        self.dataset, self.num_frames, self.frameskip = dataset, num_frames, frameskip
+    def __init__(self, dataset: EpisodeDataset, episodes: np.ndarray, num_frames: int, codec: ActionCodec):
+        self.dataset, self.num_frames, self.codec = dataset, num_frames, codec
+        frameskip = codec.frameskip
         span = num_frames * frameskip  # frames t .. t+span-1 must lie in one episode (the last block's actions too)
         starts = [np.arange(s, s + length - span) for s, length in
                   zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes]) if length > span]
@@ -165,7 +242,6 @@ class ClipSampler:
         self.starts = torch.as_tensor(np.concatenate(starts), device=device)  # (C,) first frame of every clip
         self.frame_offsets = torch.arange(num_frames, device=device) * frameskip  # (T,)
         self.action_offsets = torch.arange(span, device=device)  # (T·fs,)
-        self.generator = torch.Generator(device).manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -177,16 +253,19 @@ class ClipSampler:
         raw_actions = td["action"][(starts[:, None] + self.action_offsets).flatten()]  # (B·T·fs, A)
         batch = {
             "pixels": rearrange(pixels, "(b t) h w c -> b t c h w", b=len(starts)),
-            "actions": rearrange(self.dataset.normalise_actions(raw_actions), "(b t k) a -> b t (k a)",
-                                 b=len(starts), k=self.frameskip),
+            "actions": self.codec.to_blocks(rearrange(raw_actions, "(b n) a -> b n a", b=len(starts))),
             "state": rearrange(td["state"][frames.flatten()], "(b t) s -> b t s", b=len(starts)),
         }
         if "proprio" in td.keys():
             batch["proprio"] = rearrange(td["proprio"][frames.flatten()], "(b t) p -> b t p", b=len(starts))
         return batch
 
-    def sample(self, batch_size: int) -> dict[str, Tensor]:
-        index = torch.randint(len(self.starts), (batch_size,), generator=self.generator, device=self.starts.device)
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator for sample(), on the device the clips are gathered on."""
+        return torch.Generator(self.starts.device).manual_seed(seed)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        index = torch.randint(len(self.starts), (batch_size,), generator=generator, device=self.starts.device)
         return self.clips(self.starts[index])
 
     def batches_per_epoch(self, batch_size: int) -> int:

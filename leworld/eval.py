@@ -1,11 +1,12 @@
 """Plan with a trained world model:  python -m leworld.eval ckpt=<run folder> [planner=cem] [key=value ...]
 
-The protocol of LeWM and DINO-WM (configs/eval.yaml): each episode starts at a random state of a
-held-out episode of the model's dataset, its goal is the frame `goal_offset` env steps later in
-that episode, and the planner has `budget` env steps to reach it under MPC. Environments are
-planned together in batches. Prints the success rate with its standard error, the same episodes
-with random actions (the floor) and the planning time per solve; writes eval.json (one row per
-episode, and the settings) and GIFs of a few episodes with the goal beside them.
+The protocol of LeWM and DINO-WM (configs/protocol/default.yaml): each episode starts at a random
+state of a held-out episode of the model's dataset, its goal is the frame `goal_offset` env steps
+later in that episode, and the planner has `budget` env steps to reach it under MPC. Environments
+are planned together in batches. Plans are searched in the model's own action space (the codec in
+its checkpoint), whatever dataset supplies the tasks. Prints the success rate with its standard
+error, the same episodes with random actions (the floor) and the planning time per solve; writes
+eval.json (one row per episode, and the settings) and GIFs of a few episodes with the goal beside them.
 """
 
 import datetime
@@ -23,9 +24,9 @@ from PIL import Image
 import envs
 from leworld import LeworldError
 from leworld.checkpoint import resolve_path
-from leworld.data import EpisodeDataset
-from leworld.models import load_world_model
-from leworld.runtime import autocast, pick_device, require, run_main
+from leworld.data import ActionCodec, EpisodeDataset
+from leworld.models import WorldModel, load_world_model, open_dataset
+from leworld.runtime import autocast, check_values, pick_device, require, run_main
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
 
@@ -43,18 +44,18 @@ class LatentObjective:
 
     @torch.no_grad()
     def encode(self, pixels: np.ndarray, proprio: np.ndarray | None = None) -> torch.Tensor:
-        """uint8 frames (B, T, H, W, 3) and proprio (B, T, Q) -> latents (B, T, D) in float32."""
+        """uint8 frames (B, T, H, W, 3) and proprio (B, T, Q) -> latents (B, T, *L) in float32."""
         frames = rearrange(torch.from_numpy(pixels).to(self.device), "b t h w c -> b t c h w")
         if proprio is not None:
             proprio = torch.as_tensor(proprio, dtype=torch.float32, device=self.device)
         with autocast(self.device):
             return self.model.encode(frames, proprio).float()
 
-    def cost_fn(self, observed: dict, blocks: torch.Tensor | None, index: np.ndarray):
+    def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
         proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])
-        context = self.encode(observed["pixels"], proprio)  # (b, T, D)
+        context = self.encode(observed["pixels"], proprio)  # (b, T, *L)
         goal = self.goals[torch.as_tensor(index, device=self.device)]
-        taken = None if blocks is None else blocks.to(self.device)
+        taken = None if chunks is None else chunks.to(self.device)
 
         def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
             with autocast(self.device):
@@ -74,49 +75,55 @@ def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offs
     return dataset.episode_starts[chosen] + rng.integers(0, dataset.episode_lengths[chosen] - offset)
 
 
-def make_planner(cfg: DictConfig, action_dim: int, bounds: Bounds, seed: int, device: torch.device):
+PROTOCOL_RULES = {"protocol.episodes": (int, 1, None), "protocol.goal_offset": (int, 1, None),
+                  "protocol.budget": (int, 1, None), "protocol.horizon": (int, 1, None), "protocol.batch": (int, 1, None),
+                  "protocol.videos": (int, 0, None)}
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """Check the protocol's values (cfg holds `protocol`) before any planning or training."""
+    check_values(cfg, PROTOCOL_RULES)
+    protocol = cfg.protocol
+    if protocol.receding_horizon is not None and not 0 < protocol.receding_horizon <= protocol.horizon:
+        raise LeworldError(f"protocol.receding_horizon={protocol.receding_horizon} must be between 1 and "
+                           f"protocol.horizon={protocol.horizon} (or null: the whole plan)")
+
+
+def make_planner(cfg: DictConfig, codec: ActionCodec, seed: int, device: torch.device):
+    """The planner of cfg (configs/planner/*.yaml), searching chunks inside the env's bounds."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
     if cfg.name not in PLANNERS:
         raise LeworldError(f"there is no planner={cfg.name}; choose one of: {', '.join(PLANNERS)}")
     try:
-        return PLANNERS[cfg.name](action_dim, bounds=bounds, seed=seed, device=device, **settings)
+        return PLANNERS[cfg.name](codec.block_dim, bounds=Bounds(*codec.bounds(device)), seed=seed, device=device,
+                                  **settings)
     except (TypeError, ValueError) as err:
         raise LeworldError(f"planner={cfg.name}: {err}") from None
 
 
-def evaluate(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: DictConfig, protocol: DictConfig,
-             seed: int, device: torch.device, record: int = 0) -> tuple[list[dict], list[float], list]:
+def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: DictConfig,
+             protocol: DictConfig, seed: int, device: torch.device, record: int = 0) -> tuple[list[dict], list[float], list]:
     """Run the protocol from the given start rows, `protocol.batch` environments at a time.
     -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
-    env_cfg, fs = model.train_config["env"], model.frameskip
-    action_space = envs.make(env_cfg["name"], **env_cfg["kwargs"]).action_space  # (no renderer is made)
-    stats = dataset.meta["stats"]["action"]
-    mean, std = np.asarray(stats["mean"]), np.maximum(np.asarray(stats["std"]), 1e-6)
-    bounds = Bounds(torch.as_tensor(np.tile((action_space.low - mean) / std, fs), dtype=torch.float32, device=device),
-                    torch.as_tensor(np.tile((action_space.high - mean) / std, fs), dtype=torch.float32, device=device))
-    planner = make_planner(planner_cfg, fs * len(mean), bounds, seed, device)
-
-    def to_env(blocks: torch.Tensor) -> np.ndarray:  # normalised (b, k, fs·A) -> raw (b, k·fs, A)
-        raw = rearrange(blocks.float().cpu().numpy(), "b k (f a) -> b (k f) a", f=fs) * std + mean
-        return np.clip(raw, action_space.low, action_space.high)
-
+    planner = make_planner(planner_cfg, model.codec, seed, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state, pixels = dataset.tensors["state"], dataset.tensors["pixels"]
+    has_proprio = "proprio" in dataset.tensors.keys()
     results, solve_seconds, frames = [], [], []
     for first in range(0, len(rows), protocol.batch):
         batch_rows = rows[first:first + protocol.batch]
         goal_rows = torch.as_tensor(batch_rows + protocol.goal_offset)
         goals = state[goal_rows].numpy().astype(np.float64)
-        batch = [envs.make(env_cfg["name"], **env_cfg["kwargs"]) for _ in batch_rows]
+        batch = [envs.make(model.env.name, **model.env.kwargs) for _ in batch_rows]
         for env, row, goal in zip(batch, batch_rows, goals):
             env.reset(options={"state": state[int(row)].numpy().astype(np.float64), "goal": goal})
-        has_proprio = "proprio" in dataset.tensors.keys()
         objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
                                     dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
                                     batch[0].proprio if has_proprio else None)
-        result = run_mpc(batch, objective, planner, to_env, horizon=protocol.horizon,
-                         receding_horizon=protocol.receding_horizon, budget=protocol.budget, frameskip=fs,
-                         history=model.history, record=first < record, synchronize=synchronize)
+        result = run_mpc(batch, objective, planner, model.codec.to_env, horizon=protocol.horizon,
+                         receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
+                         frameskip=model.frameskip, history=model.history, record=first < record,
+                         synchronize=synchronize)
         for env in batch:
             env.close()
         for i, row in enumerate(batch_rows):
@@ -132,6 +139,7 @@ def summary(results: list[dict], solve_seconds: list[float]) -> dict:
     success = np.array([r["success"] for r in results], dtype=float)
     return {"success_rate": float(success.mean()),
             "standard_error": float(success.std(ddof=1) / np.sqrt(len(success))) if len(success) > 1 else 0.0,
+            "median_final_distance": float(np.median([r["final_distance"] for r in results])),
             "episodes": len(results), "solves": len(solve_seconds),
             "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0}
 
@@ -149,56 +157,78 @@ def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder:
     return paths
 
 
-def run_eval(cfg: DictConfig) -> dict:
-    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint>"))
-    device = pick_device(cfg.device)
-    model = load_world_model(path, device).requires_grad_(False)
-    trained = model.train_config
-    env_name = trained["env"]["name"]
-    expected = OmegaConf.select(cfg, "env.name")
-    if expected is not None and expected != env_name:
-        raise LeworldError(f"{path} is a {env_name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
-    dataset = EpisodeDataset.open(cfg.data_path or trained["data"]["path"])
-    if dataset.meta["env"]["name"] != env_name:
-        raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data but {path} is a {env_name} "
-                           f"world model; pass data_path=<a {env_name} dataset>")
-    protocol = cfg.protocol
-    protocol.receding_horizon = protocol.receding_horizon or protocol.horizon
-    if not 0 < protocol.receding_horizon <= protocol.horizon:
-        raise LeworldError(f"protocol.receding_horizon={protocol.receding_horizon} must be between 1 and "
-                           f"protocol.horizon={protocol.horizon}")
-    _, held_out = dataset.split(trained["data"]["val_fraction"], trained["seed"])
-    rows = sample_tasks(dataset, held_out, protocol.episodes, protocol.goal_offset, cfg.seed)
-    out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{cfg.planner.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+def task_episodes(model: WorldModel, dataset: EpisodeDataset) -> tuple[np.ndarray, str]:
+    """The episodes tasks are drawn from: the held-out ones of the model's own dataset, or every
+    episode of another dataset (which the model never trained on). -> (episodes, a description)."""
+    if dataset.fingerprint() == model.data.fingerprint:
+        return np.asarray(model.data.held_out), "held-out"
+    return np.arange(dataset.num_episodes), "(another dataset than the model's: all)"
+
+
+def plan(model: WorldModel, dataset: EpisodeDataset, planner_cfg: DictConfig, protocol: DictConfig, seed: int,
+         device: torch.device, out_dir: Path, settings: dict) -> dict:
+    """Plan under the protocol (and with random actions, the floor), print the summary and write
+    eval.json and videos into out_dir, which must not exist yet: it is made first, so that an
+    unwritable place fails before any planning (and is removed again if planning fails)."""
     if out_dir.exists():
         raise LeworldError(f"out_dir={out_dir} exists; results are never overwritten: pass another out_dir")
+    try:
+        out_dir.mkdir(parents=True)
+    except OSError as err:
+        raise LeworldError(f"cannot create out_dir={out_dir} ({err.strerror or err}); pass a writable out_dir") from None
+    try:
+        return plan_into(model, dataset, planner_cfg, protocol, seed, device, out_dir, settings)
+    except BaseException:
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
-    print(f"{env_name}: {protocol.episodes} episodes from {len(held_out)} held-out episodes of {dataset.path}; goal "
-          f"{protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {cfg.planner.name}, horizon "
-          f"{protocol.horizon} blocks of {model.frameskip} steps, replanning every {protocol.receding_horizon}")
-    results, solve_seconds, frames = evaluate(model, dataset, rows, cfg.planner, protocol, cfg.seed, device,
-                                              record=cfg.videos)
+
+def plan_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path, settings: dict) -> dict:
+    episodes, which = task_episodes(model, dataset)
+    rows = sample_tasks(dataset, episodes, protocol.episodes, protocol.goal_offset, seed)
+    receding = protocol.receding_horizon or protocol.horizon
+    print(f"{model.env.name}: {protocol.episodes} episodes from {len(episodes)} {which} episodes of {dataset.path}; "
+          f"goal {protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {planner_cfg.name}, "
+          f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}")
+    results, solve_seconds, frames = evaluate(model, dataset, rows, planner_cfg, protocol, seed, device,
+                                              record=protocol.videos)
     report = {"planner": summary(results, solve_seconds)}
-    print(f"{cfg.planner.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
-          f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes; median planning time "
+    print(f"{planner_cfg.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
+          f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes, median final distance "
+          f"{report['planner']['median_final_distance']:.3g}; median planning time "
           f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments")
     rows_out = {"planner": results}
-    if cfg.random_baseline:
-        random_cfg = OmegaConf.create({"name": "random"})
-        floor, _, _ = evaluate(model, dataset, rows, random_cfg, protocol, cfg.seed, device)
+    if protocol.random_baseline:
+        floor, _, _ = evaluate(model, dataset, rows, OmegaConf.create({"name": "random"}), protocol, seed, device)
         report["random"] = summary(floor, [])
         rows_out["random"] = floor
         print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
-              f"{100 * report['random']['standard_error']:.1f}%")
-    out_dir.mkdir(parents=True)
-    goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:cfg.videos] + protocol.goal_offset)].numpy()
-    videos = save_videos(frames, goal_frames, out_dir, cfg.videos)
-    settings = OmegaConf.to_container(cfg, resolve=True) | {"ckpt": str(path), "env_name": env_name,
-                                                            "dataset": str(dataset.path), "device": str(device)}
+              f"{100 * report['random']['standard_error']:.1f}%, median final distance "
+              f"{report['random']['median_final_distance']:.3g}")
+    goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:protocol.videos] + protocol.goal_offset)].numpy()
+    videos = save_videos(frames, goal_frames, out_dir, protocol.videos)
+    settings = settings | {"planner": OmegaConf.to_container(planner_cfg), "protocol": OmegaConf.to_container(protocol),
+                           "seed": seed, "env": model.env.name, "dataset": str(dataset.path), "device": str(device),
+                           "action_codec": model.codec.to_dict()}
     (out_dir / "eval.json").write_text(json.dumps({"settings": settings, "summary": report, "episodes": rows_out,
                                                    "videos": videos}, indent=1))
     print(f"saved {out_dir / 'eval.json'} and {len(videos)} videos")
     return report | {"out_dir": str(out_dir)}
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint>"))
+    device = pick_device(cfg.device)
+    model = load_world_model(path, device).requires_grad_(False)
+    check_protocol(cfg)
+    expected = OmegaConf.select(cfg, "env.name")
+    if expected is not None and expected != model.env.name:
+        raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
+    dataset = open_dataset(model, cfg.data_path)
+    make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
+    out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{cfg.planner.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+    return plan(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir, {"ckpt": str(path)})
 
 
 def main() -> None:

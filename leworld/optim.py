@@ -1,9 +1,17 @@
-"""AdamW with the usual decay groups, and a linear warm-up followed by a cosine decay, by steps."""
+"""What both training loops (world model, image pretraining) share: AdamW with the usual decay
+groups, a linear warm-up followed by a cosine decay by steps, the data-parallel wrapper, one
+optimisation step, and the guard that stops a run whose loss is no longer a number."""
 
 import math
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from leworld import LeworldError
+from leworld.runtime import Processes, stop_processes
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
@@ -18,17 +26,6 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) 
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                   grad_clip: float | None) -> None:
-    """Backward, clip the gradient norm (when grad_clip is set), step the optimizer and the schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    schedule.step()
-
-
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_ratio: float):
     """Learning rate rising linearly over `warmup_steps`, then a cosine down to `final_ratio`·lr."""
 
@@ -39,3 +36,51 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Optimisation:
+    """A model being trained: `model` is the module itself (what is saved), `net` what the loop
+    calls (its DistributedDataParallel wrapper under torchrun, else the model)."""
+
+    model: nn.Module
+    net: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    grad_clip: float | None
+
+    @classmethod
+    def start(cls, model: nn.Module, procs: Processes, train: DictConfig, total_steps: int) -> "Optimisation":
+        """train: lr, weight_decay, warmup (a fraction of the steps), final_lr_ratio, grad_clip."""
+        model = model.to(procs.device)
+        if procs.world_size > 1 and procs.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
+        net = DistributedDataParallel(model) if procs.world_size > 1 else model
+        optimizer = adamw(model, train.lr, train.weight_decay)
+        schedule = warmup_cosine(optimizer, total_steps, int(train.warmup * total_steps), train.final_lr_ratio)
+        return cls(model, net, optimizer, schedule, train.grad_clip)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, clip the gradient norm (when grad_clip is set), step the optimizer and the schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.get_last_lr()[0]
+
+    def finish(self) -> None:
+        """Leave the process group, all processes together. DDP's reducer holds the group, so the
+        wrapper goes first: a gloo group destroyed while it is held waits for its peers forever."""
+        self.net = None
+        stop_processes()
+
+
+def check_finite(loss: float, step: int, hint: str) -> None:
+    """Stop before weights a NaN went through are saved; hint: what to change."""
+    if not math.isfinite(loss):
+        raise LeworldError(f"the loss became {loss} by step {step}; {hint}; the checkpoints saved so far are untouched")

@@ -12,27 +12,26 @@ The trained backbone is reused with `load_encoder(run_folder)`.
 
 import copy
 import json
-import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from leworld import LeworldError
 from leworld.augment import MultiCrop
-from leworld.checkpoint import FILENAME, load_checkpoint, save_checkpoint, select
+from leworld.checkpoint import FILENAME, load_checkpoint, load_weights, save_checkpoint, select
 from leworld.images import ImageBatches, ImageSet, load_image_set
 from leworld.nn import Projector, build_backbone
-from leworld.optim import adamw, optimizer_step, warmup_cosine
+from leworld.optim import Optimisation, check_finite
 from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
-from leworld.runtime import (Processes, RunLog, autocast, new_run_dir, run_main, seed_everything,
-                             start_processes, stop_processes)
+from leworld.runtime import (Processes, RunLog, autocast, check_values, new_run_dir, run_main, seed_everything,
+                             start_processes)
 from leworld.sigreg import SIGReg
 
 
@@ -71,9 +70,7 @@ def load_encoder(path, device: str | torch.device = "cpu") -> nn.Module:
     if ckpt.info.get("kind") != "pretrain":
         raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind', 'unknown')} checkpoint, not an image pretraining one")
     backbone = build_backbone(ckpt.config["backbone"])
-    missing, unexpected = backbone.load_state_dict(select(ckpt.tensors, "backbone"), strict=False)
-    if missing or unexpected:
-        raise LeworldError(f"{ckpt.path} does not match its backbone config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(backbone, select(ckpt.tensors, "backbone"), ckpt.path)
     return backbone.to(device).eval()
 
 
@@ -148,27 +145,25 @@ def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, va
     return results
 
 
+RULES = {"train.epochs": (int, 1, None), "train.batch_size": (int, 1, None), "train.lr": (float, 0, None),
+         "train.weight_decay": (float, 0, None), "train.warmup": (float, 0, 1), "train.log_every": (int, 1, None),
+         "train.save_every_epochs": (int, 0, None), "train.workers": (int, 0, None), "seed": (int, 0, None)}
+
+
 def pretrain(cfg: DictConfig) -> dict:
+    check_values(cfg, RULES)
     procs = start_processes(cfg.device)
     device = procs.device
     seed_everything(cfg.seed)  # the same initial weights on every process
     train_set, val_set = load_data(cfg)
     labelled = train_set.labels is not None and val_set.labels is not None
 
-    model = LeJEPA.from_config(cfg).to(device)
-    initial_backbone = copy.deepcopy(model.backbone) if cfg.probe.random_baseline and labelled else None
-    if procs.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DistributedDataParallel(model) if procs.world_size > 1 else model
     loader = _loader(train_set, cfg, procs)
-    total_steps = cfg.train.epochs * len(loader)
-    optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
-    schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
-    views = MultiCrop(cfg.views, cfg.augment)
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)  # each process its own crops
+    opt = Optimisation.start(LeJEPA.from_config(cfg), procs, cfg.train, cfg.train.epochs * len(loader))
+    initial_backbone = copy.deepcopy(opt.model.backbone) if cfg.probe.random_baseline and labelled else None
     probe = None
     if cfg.probe.online and labelled:
-        probe = OnlineProbe(model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device)
+        probe = OnlineProbe(opt.model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device)
 
     # only now, with data and model in hand, is there a run to record
     run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
@@ -179,21 +174,36 @@ def pretrain(cfg: DictConfig) -> dict:
         log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
                   "or data=array data.path=<file.npy|.npz> for your own)")
     processes = f" x {procs.world_size} processes" if procs.world_size > 1 else ""
-    log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, on {device}{processes}; {total_steps} steps; run folder {run_dir}")
+    log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in opt.model.parameters()) / 1e6:.2f}M "
+              f"parameters, on {device}{processes}; {cfg.train.epochs * len(loader)} steps; run folder {run_dir}")
+    results = pretrain_loop(opt, loader, probe, cfg, procs, run_dir, log)
+    opt.finish()
+    if not procs.is_main:
+        return {}
+    if labelled:
+        results["eval"] = evaluate(opt.model.backbone, initial_backbone, train_set, val_set, cfg, device)
+        log.print(f"frozen features, {len(val_set)} held-out images:  linear probe   k-NN (k={cfg.probe.knn_k})")
+        for name, scores in results["eval"].items():
+            log.print(f"  {name:<40} {scores['linear_probe']:>12.1%} {scores['knn']:>12.1%}")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
+    log.close()
+    return results | {"run_dir": str(run_dir)}
 
-    step, sums, first_sigreg = 0, {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}, None
-    steps_in_window = 0
 
-    def check_finite() -> None:
-        if not math.isfinite(float(sums["loss"])):
-            raise LeworldError(f"the loss became {float(sums['loss'])} before step {step}; lower train.lr (now "
-                               f"{cfg.train.lr}) or check the images for NaNs (saved checkpoints are untouched)")
+def pretrain_loop(opt: Optimisation, loader: DataLoader, probe: OnlineProbe | None, cfg: DictConfig,
+                  procs: Processes, run_dir: Path | None, log: RunLog) -> dict:
+    """Every epoch of the loader, checkpoints as configured and at the end -> a summary."""
+    device, total_steps = procs.device, cfg.train.epochs * len(loader)
+    views = MultiCrop(cfg.views, cfg.augment)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + procs.rank)  # each process its own crops
+    step, sums, first_sigreg, steps_in_window = 0, {"loss": 0.0, "pred": 0.0, "sigreg": 0.0}, None, 0
+    hint = f"lower train.lr (now {cfg.train.lr}) or check the images for NaNs"
 
     def save() -> None:
-        check_finite()  # never replace a good checkpoint with diverged weights
+        check_finite(float(sums["loss"]), step, hint)  # never replace a good checkpoint with diverged weights
         if procs.is_main:
-            save_checkpoint(run_dir / FILENAME, model.state_dict(), OmegaConf.to_container(cfg, resolve=True),
+            save_checkpoint(run_dir / FILENAME, opt.model.state_dict(), OmegaConf.to_container(cfg, resolve=True),
                             kind="pretrain", step=step, epoch=step // len(loader))
 
     start = time.perf_counter()
@@ -207,22 +217,21 @@ def pretrain(cfg: DictConfig) -> dict:
                 with torch.no_grad():
                     global_views, local_views = views(images, generator)
                 with autocast(device):
-                    out = net(global_views, local_views)
-                optimizer_step(out["loss"], model, optimizer, schedule, cfg.train.grad_clip)
+                    out = opt.net(global_views, local_views)
+                opt.step(out["loss"])
                 if probe is not None:
                     probe.update(out["features"], labels)
                 for key in sums:
                     sums[key] += out[key].detach()
                 step, steps_in_window = step + 1, steps_in_window + 1
                 bar.update()
-
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    check_finite()
+                    check_finite(float(sums["loss"]), step, hint)
                     metrics = {key: float(total) / steps_in_window for key, total in sums.items()}
                     first_sigreg = metrics["sigreg"] if first_sigreg is None else first_sigreg
                     if probe is not None:
                         metrics["probe_acc"] = probe.accuracy()
-                    metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch,
+                    metrics |= {"lr": opt.lr, "epoch": epoch,
                                 "images_per_s": step * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)}
                     log.log(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", sigreg=f"{metrics['sigreg']:.2f}",
@@ -234,25 +243,12 @@ def pretrain(cfg: DictConfig) -> dict:
     finally:
         bar.close()  # before any error message, so that it gets a line of its own
     save()
-    del net  # DDP's reducer holds the process group: it must go while the other processes are still there
-    stop_processes()
-    if not procs.is_main:
-        return {}
-
     elapsed = time.perf_counter() - start
-    results = {"steps": step, "seconds": elapsed, "images_per_s": step * cfg.train.batch_size * procs.world_size / elapsed,
-               "sigreg_first": first_sigreg, "sigreg_last": metrics["sigreg"], "loss_last": metrics["loss"]}
-    log.print(f"trained {step} steps in {elapsed:.0f} s ({results['images_per_s']:.0f} images/s); "
+    images_per_s = step * cfg.train.batch_size * procs.world_size / elapsed
+    log.print(f"trained {step} steps in {elapsed:.0f} s ({images_per_s:.0f} images/s); "
               f"SIGReg {first_sigreg:.2f} -> {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)")
-    if labelled:
-        results["eval"] = evaluate(model.backbone, initial_backbone, train_set, val_set, cfg, device)
-        log.print(f"frozen features, {len(val_set)} held-out images:  linear probe   k-NN (k={cfg.probe.knn_k})")
-        for name, scores in results["eval"].items():
-            log.print(f"  {name:<40} {scores['linear_probe']:>12.1%} {scores['knn']:>12.1%}")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
-    log.close()
-    return results | {"run_dir": str(run_dir)}
+    return {"steps": step, "seconds": elapsed, "images_per_s": images_per_s, "sigreg_first": first_sigreg,
+            "sigreg_last": metrics["sigreg"], "loss_last": metrics["loss"]}
 
 
 def main() -> None:

@@ -15,13 +15,12 @@ from einops import rearrange
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from envs import ENVS
 from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
 from leworld.checkpoint import resolve_path
-from leworld.data import ClipSampler, EpisodeDataset
-from leworld.models import load_world_model
-from leworld.runtime import autocast, pick_device, require, run_main
+from leworld.data import ClipSampler
+from leworld.models import load_world_model, open_dataset
+from leworld.runtime import autocast, check_values, pick_device, require, run_main
 
 
 @torch.no_grad()
@@ -77,6 +76,10 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
 # ---- world models ---------------------------------------------------------------------------
 
 
+PROBE_RULES = {"probe.frames": (int, 2, None), "probe.clips": (int, 1, None), "probe.horizon": (int, 1, None),
+               "probe.ridge": (float, 0, None), "probe.seed": (int, 0, None)}
+
+
 def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, ridge: float) -> Tensor:
     """R² per target column of a ridge regression fit on (train_x, train_y), scored on val."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -123,8 +126,8 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
                    seed: int) -> dict[str, list[float]]:
     """Mean squared latent error of imagined rollouts at horizons 1..H from `history` real frames,
     and of the baseline that predicts no change (the last real latent), on held-out clips."""
-    sampler = ClipSampler(dataset, episodes, model.history + horizon, model.frameskip, seed=seed)
-    batch = sampler.sample(clips)
+    sampler = ClipSampler(dataset, episodes, model.history + horizon, model.codec)
+    batch = sampler.sample(clips, sampler.generator(seed))
     latents, predicted = [], []
     for i in range(0, clips, 64):
         pixels = batch["pixels"][i:i + 64].to(device)
@@ -144,14 +147,17 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
     return {"model": model_error.tolist(), "no_change": still_error.tolist()}
 
 
-def probe_world_model(model, dataset, train_episodes, val_episodes, spec, seed: int, device, say=print) -> dict:
+def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device, say=print) -> dict:
     """How much the latents know: a linear probe to the physical state on held-out frames, for the
     trained encoder and for the same encoder at random initialisation, and the rollout error
     against "nothing changes". spec: frames, clips, horizon, ridge (configs/probe.yaml). A DINO-WM
     with proprioception carries the agent's own state in its tokens, so the probe reads it from there."""
-    env_class = ENVS[dataset.meta["env"]["name"]]
-    torch.manual_seed(seed)
-    untrained = type(model)(model.cfg, model.action_dim).to(device).eval()
+    from envs import ENVS  # here: importing envs picks MuJoCo's GL back end, which image probes never need
+
+    env_class, seed = ENVS[dataset.meta["env"]["name"]], spec.seed
+    with torch.random.fork_rng(devices=[]):  # the same random init every time, the caller's generator untouched
+        torch.manual_seed(seed)
+        untrained = type(model)(model.cfg, model.codec).to(device).eval()
     r2 = {}
     for name, net in [("trained", model), ("random_init", untrained)]:
         train_x, train_state = encode_frames(net, dataset, train_episodes, spec.frames, device, seed)
@@ -167,7 +173,7 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, seed: 
     for label in r2["trained"]:
         say(f"  {label:24} {r2['trained'][label]:>9.3f} {r2['random_init'][label]:>12.3f}")
     say(f"imagined rollouts, latent MSE on {spec.clips} held-out clips (lower is better):")
-    say("  blocks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
+    say("  chunks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
     say("  world model             " + "".join(f"{e:>9.3f}" for e in errors["model"]))
     say("  nothing changes         " + "".join(f"{e:>9.3f}" for e in errors["no_change"]))
     return results
@@ -178,15 +184,16 @@ def probe(cfg: DictConfig) -> dict:
     held-out episodes of its dataset (the split it was trained with), and write probe.json beside
     the checkpoint."""
     path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.probe ckpt=<run folder or checkpoint>"))
+    check_values(cfg, PROBE_RULES)
     device = pick_device(cfg.device)
     model = load_world_model(path, device)
-    trained = model.train_config
-    dataset = EpisodeDataset.open(cfg.data_path or trained["data"]["path"])
-    if dataset.meta["env"]["name"] != trained["env"]["name"]:
-        raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data but {path} is a "
-                           f"{trained['env']['name']} world model; pass data_path=<a {trained['env']['name']} dataset>")
-    train_episodes, val_episodes = dataset.split(trained["data"]["val_fraction"], trained["seed"])
-    results = probe_world_model(model, dataset, train_episodes, val_episodes, cfg.probe, trained["seed"], device)
+    dataset = open_dataset(model, cfg.data_path)
+    if dataset.fingerprint() != model.data.fingerprint:
+        raise LeworldError(f"{dataset.path} is not the dataset {path} was trained on, so its training and held-out "
+                           "episodes are unknown; drop data_path= (the model's own dataset is used)")
+    val_episodes = np.asarray(model.data.held_out)
+    train_episodes = np.setdiff1d(np.arange(dataset.num_episodes), val_episodes)
+    results = probe_world_model(model, dataset, train_episodes, val_episodes, cfg.probe, device)
     (path.parent / "probe.json").write_text(json.dumps(results, indent=1))
     print(f"saved {path.parent / 'probe.json'}")
     return results

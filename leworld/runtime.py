@@ -172,14 +172,22 @@ def autocast(device: torch.device):
 
 
 def new_run_dir(path: str | None, verb: str) -> Path:
-    """A fresh run folder: the given path, or runs/<verb>/<date-time>. Never reuses a non-empty one."""
+    """A fresh run folder: the given path, or runs/<verb>/<date-time>. Never reuses a non-empty one;
+    checks that it can be written before any work is done in it."""
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         path = Path("runs") / verb / stamp
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LeworldError(f"run_dir={path} is a file, not a folder; choose another run_dir")
     if path.exists() and any(path.iterdir()):
         raise LeworldError(f"run_dir={path} already holds a run; choose another run_dir (nothing was overwritten)")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".writable").touch()
+        (path / ".writable").unlink()
+    except OSError as err:
+        raise LeworldError(f"cannot write the run folder {path} ({err.strerror or err}); choose a writable run_dir") from None
     return path
 
 
@@ -189,14 +197,26 @@ class RunLog:
     Only the main process writes; on the others every call does nothing.
     """
 
-    def __init__(self, run_dir: Path | None, cfg: DictConfig, enabled: bool = True):
+    def __init__(self, run_dir: Path | None, cfg: DictConfig, enabled: bool = True, resume_step: int | None = None):
+        """resume_step: a resumed run continues from that step, so rows logged after it (by the
+        run that was killed later than its last checkpoint) are dropped, not repeated."""
         self.enabled = enabled and run_dir is not None
         self.wandb = None
         if not self.enabled:
             return
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        metrics_file = run_dir / "metrics.jsonl"
+        if resume_step is not None and metrics_file.exists():
+            kept = []
+            for line in metrics_file.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a row the kill cut short
+            metrics_file.write_text("".join(kept))
         self.console = open(run_dir / "console.log", "a")
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.metrics = open(metrics_file, "a")
         if cfg.logger.name == "wandb":
             import wandb  # imported here: it takes a second and most runs do not need it
 

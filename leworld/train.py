@@ -1,84 +1,211 @@
 """Train a world model from pixel rollouts:  python -m leworld.train env=pusht [key=value ...]
 
-The run collects the environment's dataset first if it is missing, trains LeWorldModel on clips
-of `history + 1` frames (next-latent prediction + λ·SIGReg, nothing else), checks held-out losses
-as it goes, saves checkpoints it can resume from (resume=true run_dir=...), then probes what the
-latents learned (leworld/probe.py) and plans with the model under the evaluation protocol
-(leworld/eval.py). model=dinowm trains the DINO-WM baseline with the same loop. Under torchrun every process trains on its own clips
+The run collects the environment's dataset first if it is missing, trains the world model of
+`model=` (LeWorldModel by default, the DINO-WM baseline with model=dinowm) on clips of
+`history + 1` frames, checks held-out losses as it goes, saves checkpoints it can resume from
+(resume=true run_dir=...), then probes what the latents learned (leworld/probe.py) and plans with
+the model under the evaluation protocol (leworld/eval.py). Everything a run can get wrong in its
+settings is checked before training starts. Under torchrun every process trains on its own clips
 of one global batch (SIGReg is exact over it); the first process alone logs and saves.
+
+    python -m leworld.train upgrade ckpt=<run>   converts a checkpoint of an older leworld
 """
 
 import json
-import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import envs
 from leworld import LeworldError
-from leworld.checkpoint import (FILENAME, load_checkpoint, optimizer_state, restore_optimizer, restore_rng,
-                                rng_state, save_checkpoint, select)
-from leworld.collect import collect
-from leworld.data import ClipSampler, EpisodeDataset
-from leworld.eval import run_eval
-from leworld.models import LeWorldModel
-from leworld.models.dinowm import build_dinowm
-from leworld.models.lewm import load_weights
-from leworld.optim import adamw, optimizer_step, warmup_cosine
-from leworld.probe import probe_world_model
-from leworld.runtime import (Processes, RunLog, autocast, load_config, new_run_dir, run_main, seed_everything,
-                             start_processes, stop_processes)
+from leworld.checkpoint import (FILENAME, Checkpoint, load_checkpoint, load_weights, optimizer_state, restore_optimizer,
+                                restore_rng, rng_state, save_checkpoint, select)
+from leworld.collect import collect, unfinished_collection
+from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
+from leworld.eval import check_protocol, make_planner, plan, sample_tasks
+from leworld.models import WORLD_MODELS, DataRecord, EnvSpec, WorldModel, record
+from leworld.models.dinowm import build_dinowm, dinowm_config
+from leworld.optim import Optimisation, check_finite
+from leworld.probe import PROBE_RULES, probe_world_model
+from leworld.runtime import (Processes, RunLog, autocast, check_values, load_config, new_run_dir, run_main,
+                             seed_everything, start_processes)
+
+RULES = {"train.epochs": (float, 1e-9, None), "train.batch_size": (int, 1, None), "train.lr": (float, 0, None),
+         "train.weight_decay": (float, 0, None), "train.warmup": (float, 0, 1), "train.final_lr_ratio": (float, 0, 1),
+         "train.log_every": (int, 1, None), "train.val_every": (int, 1, None), "train.val_batches": (int, 1, None),
+         "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 1e-9, 0.99),
+         "seed": (int, 0, None), **PROBE_RULES}
 
 
-def ensure_dataset(cfg: DictConfig, procs: Processes) -> Path:
-    """The dataset at data.path; collected first (by the first process) when it does not exist."""
+# ---- before training: the run's settings, its data and its model -----------------------------
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Checkpoint]:
+    """The saved config of the run in cfg.run_dir, which continues there (wherever it was first
+    started), and its checkpoint. Only device may be given beside resume and run_dir."""
+    if cfg.run_dir is None:
+        raise LeworldError("resume=true needs run_dir=<the folder of the run to continue>")
+    ckpt = load_checkpoint(cfg.run_dir)
+    if ckpt.info.get("kind") != "world_model":
+        raise LeworldError(f"{ckpt.path} is not a world-model training checkpoint")
+    if "total_steps" not in ckpt.info:
+        raise LeworldError(f"{ckpt.path} was written by an older leworld and its training cannot be resumed; start a "
+                           f"new run (python -m leworld.train upgrade ckpt={cfg.run_dir} makes it usable by eval and probe)")
+    plain = load_config("train", ["resume=true", f"run_dir={cfg.run_dir}", f"device={cfg.device}"])
+    given = changed_keys(OmegaConf.to_container(plain), OmegaConf.to_container(cfg))
+    if given:
+        raise LeworldError(f"resume=true continues the run with the settings it was started with; drop "
+                           f"{', '.join(given)} (only device= may change), or start a new run")
+    if ckpt.info["step"] >= ckpt.info["total_steps"]:
+        raise LeworldError(f"the run in {cfg.run_dir} is complete ({ckpt.info['step']} of {ckpt.info['total_steps']} "
+                           f"steps); nothing to resume: probe or plan with it (python -m leworld.eval ckpt={cfg.run_dir})")
+    saved = OmegaConf.create(ckpt.config)
+    saved.run_dir, saved.resume, saved.device = str(cfg.run_dir), True, cfg.device
+    OmegaConf.set_struct(saved, True)
+    return saved, ckpt
+
+
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += changed_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_config(cfg: DictConfig) -> None:
+    check_values(cfg, RULES)
+    check_protocol(cfg)
+
+
+def collect_config(cfg: DictConfig, path: Path, resume: bool) -> DictConfig:
+    """The collection that makes this run's dataset: configs/collect.yaml with this run's env."""
+    collect_cfg = load_config("collect", [f"scale={cfg.scale}"])
+    collect_cfg.env = cfg.env  # overrides of the env included
+    collect_cfg.path, collect_cfg.resume = str(path), resume
+    return collect_cfg
+
+
+def ensure_dataset(cfg: DictConfig, procs: Processes) -> EpisodeDataset:
+    """The dataset at data.path; collected first (by the first process) when nothing is there, or
+    finished when leworld's own collection there was interrupted. Anything else is refused."""
     path = Path(cfg.data.path)
     if procs.is_main and not (path / "meta.json").exists():
-        if path.exists() and not (path / "episodes").is_dir():
-            raise LeworldError(f"data.path={path} exists but holds no dataset; point data.path at one or remove it")
-        print(f"no dataset at {path} yet: collecting it first (python -m leworld.collect env={cfg.env.name} "
-              f"scale={cfg.scale})")
-        collect_cfg = load_config("collect", [f"env={cfg.env.name}", f"scale={cfg.scale}", f"path={path}",
-                                              f"resume={path.exists()}"])
-        collect_cfg.env = cfg.env  # this run's env settings, overrides included
-        collect(collect_cfg)
+        resume = unfinished_collection(path)  # refuses a folder that leworld did not start
+        print(f"no dataset at {path} yet: {'finishing' if resume else 'collecting'} it first "
+              f"(python -m leworld.collect env={cfg.env.name} scale={cfg.scale})")
+        collect(collect_config(cfg, path, resume))
     if procs.world_size > 1:
         dist.barrier()  # the other processes wait for the collection
-    return path
+    dataset = EpisodeDataset.open(path)
+    if dataset.meta["env"]["name"] != cfg.env.name:
+        raise LeworldError(f"data.path={path} holds {dataset.meta['env']['name']} data, not {cfg.env.name}")
+    wanted, found = cfg.env.kwargs.image_size, dataset.meta["image_shape"][0]
+    if found != wanted:
+        raise LeworldError(f"data.path={path} holds {found}-px frames but env.kwargs.image_size={wanted}; pass a "
+                           f"data.path for a new dataset (it is collected) or env.kwargs.image_size={found}")
+    return dataset
 
 
-def build_model(cfg: DictConfig, dataset: EpisodeDataset) -> nn.Module:
-    """The world model of cfg.model: DINO-WM from its frozen encoder's weights, or LeWorldModel,
-    whose backbone starts from an image pretraining checkpoint with model.encoder.init (its
-    backbone config then replaces model.encoder.backbone)."""
+def dataset_of_run(data: DataRecord) -> EpisodeDataset:
+    """A resumed run's dataset: exactly the one it trained on, or a refusal (never another)."""
+    if not (Path(data.path) / "meta.json").exists():
+        raise LeworldError(f"the run trained on {data.path}, which is gone; put that dataset back to resume (a new "
+                           "collection would be other data)")
+    dataset = EpisodeDataset.open(data.path)
+    if dataset.meta["num_frames"] != data.num_frames or dataset.fingerprint() != data.fingerprint:
+        raise LeworldError(f"{data.path} is not the dataset the run trained on (its frames or meta.json differ: "
+                           "collected again?); put the original back to resume, or start a new run")
+    return dataset
+
+
+def env_codec(cfg: DictConfig, dataset: EpisodeDataset) -> ActionCodec:
+    """The run's action codec: the dataset's action statistics and the env's bounds. Making and
+    rendering the env once here also finds a machine that cannot render before training starts."""
+    env = envs.make(cfg.env.name, **OmegaConf.to_container(cfg.env.kwargs, resolve=True))
+    env.reset(seed=0)
+    env.render()
+    env.close()
+    return ActionCodec.from_stats(dataset.meta["stats"]["action"], env.action_space.low, env.action_space.high,
+                                  cfg.model.frameskip)
+
+
+def resolved_model_config(cfg: DictConfig, dataset: EpisodeDataset) -> DictConfig:
+    """cfg.model with what only the files can say filled in, so that the checkpoint rebuilds the
+    model: DINO-WM's encoder architecture (from its weights file) and proprio size, or the
+    backbone of the pretraining run that model.encoder.init names."""
     if cfg.model.type == "dinowm":
-        return build_dinowm(cfg, dataset)
-    init = cfg.model.encoder.init
-    if init is not None:
-        ckpt = load_checkpoint(init)
-        if ckpt.info.get("kind") != "pretrain":
-            raise LeworldError(f"model.encoder.init={init} is a {ckpt.info.get('kind')} checkpoint, not an image pretraining one")
-        backbone = {k: v for k, v in ckpt.config["backbone"].items() if k != "weight_decay"}
-        OmegaConf.update(cfg, "model.encoder.backbone", backbone, merge=False)
-    model = LeWorldModel(cfg.model, dataset.meta["action_dim"])
-    if init is not None:
-        load_weights(model.backbone, select(ckpt.tensors, "backbone"), init)
+        return dinowm_config(cfg, dataset)
+    if cfg.model.encoder.init is None:
+        return cfg.model
+    ckpt = load_checkpoint(cfg.model.encoder.init)
+    if ckpt.info.get("kind") != "pretrain":
+        raise LeworldError(f"model.encoder.init={cfg.model.encoder.init} is a {ckpt.info.get('kind')} checkpoint, not "
+                           "an image pretraining one")
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model))
+    model_cfg.encoder.backbone = ckpt.config["backbone"]
+    return model_cfg
+
+
+def new_model(model_cfg: DictConfig, codec: ActionCodec, dataset: EpisodeDataset) -> WorldModel:
+    """An untrained world model; DINO-WM's frozen encoder and a pretrained backbone loaded."""
+    if model_cfg.type == "dinowm":
+        return build_dinowm(model_cfg, codec, dataset)
+    model = WORLD_MODELS[model_cfg.type](model_cfg, codec)
+    if model_cfg.encoder.init is not None:
+        load_weights(model.backbone, select(load_checkpoint(model_cfg.encoder.init).tensors, "backbone"),
+                     model_cfg.encoder.init)
     return model
 
 
-def check_finite(loss: float, step: int, lr: float) -> None:
-    if not math.isfinite(loss):
-        raise LeworldError(f"the loss became {loss} by step {step}; lower train.lr (now {lr}); the checkpoints "
-                           "saved so far are untouched")
+def model_and_data(cfg: DictConfig, procs: Processes, resume_from: Checkpoint | None) -> tuple[WorldModel, EpisodeDataset]:
+    """A new model with its record (env, dataset, held-out episodes) and its dataset, collected if
+    missing; or, resuming, the model the checkpoint describes and exactly the dataset it trained on.
+    Sets cfg.model to the resolved model config of a new run."""
+    if resume_from is not None:
+        info = resume_from.info
+        model = WORLD_MODELS[cfg.model.type](cfg.model, ActionCodec.from_dict(info["action_codec"]))
+        model.env = EnvSpec(**info["env"])
+        model.data = DataRecord(**info["data"] | {"held_out": tuple(info["data"]["held_out"])})
+        return model, dataset_of_run(model.data)
+    dataset = ensure_dataset(cfg, procs)
+    codec = env_codec(cfg, dataset)
+    cfg.model = resolved_model_config(cfg, dataset)
+    model = new_model(cfg.model, codec, dataset)
+    _, held_out = dataset.split(cfg.data.val_fraction, cfg.seed)
+    model.env = EnvSpec(cfg.env.name, OmegaConf.to_container(cfg.env.kwargs, resolve=True))
+    model.data = DataRecord(str(dataset.path), dataset.meta["num_frames"], dataset.fingerprint(),
+                            tuple(int(e) for e in held_out))
+    return model, dataset
+
+
+def check_later_steps(cfg: DictConfig, dataset: EpisodeDataset, held_out: np.ndarray, model: WorldModel,
+                      device: torch.device) -> None:
+    """What probing and planning after training will need, checked before training rather than after."""
+    if cfg.probe_after_training:
+        ClipSampler(dataset, held_out, cfg.model.history + cfg.probe.horizon, model.codec)
+    if cfg.plan_after_training:
+        sample_tasks(dataset, held_out, 1, cfg.protocol.goal_offset, cfg.seed)
+        make_planner(cfg.planner, model.codec, cfg.seed, device)
+
+
+# ---- training -------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, clips: ClipSampler, batches: int, batch_size: int, seed: int,
+def recalibrate_batchnorm(model: WorldModel, clips: ClipSampler, batches: int, batch_size: int, seed: int,
                           device: torch.device) -> None:
     """Set every trainable BatchNorm's running statistics to their exact average over fixed training
     batches under the current weights ("precise BN"). The running averages that training keeps lag
@@ -96,9 +223,9 @@ def recalibrate_batchnorm(model: nn.Module, clips: ClipSampler, batches: int, ba
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
         m.train()
-    clips.generator.manual_seed(seed)
+    generator = clips.generator(seed)
     for _ in range(batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in clips.sample(batch_size).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in clips.sample(batch_size, generator).items()}
         with autocast(device):
             latents = model.encode(batch["pixels"], batch.get("proprio"))
             model.predict(latents[:, :-1], batch["actions"][:, :-1])
@@ -106,8 +233,14 @@ def recalibrate_batchnorm(model: nn.Module, clips: ClipSampler, batches: int, ba
         m.momentum = momentum
 
 
+def held_out_batches(clips: ClipSampler, count: int, batch_size: int, seed: int) -> list[dict]:
+    """`count` different batches of held-out clips, fixed by the seed: every validation sees the same ones."""
+    generator = clips.generator(seed)
+    return [clips.sample(batch_size, generator) for _ in range(count)]
+
+
 @torch.no_grad()
-def validate(model: nn.Module, batches: list[dict], device: torch.device) -> dict[str, float]:
+def validate(model: WorldModel, batches: list[dict], device: torch.device) -> dict[str, float]:
     """Mean held-out loss terms over fixed batches (SIGReg's directions do not advance in eval mode)."""
     model.eval()
     totals = {}
@@ -120,147 +253,188 @@ def validate(model: nn.Module, batches: list[dict], device: torch.device) -> dic
     return {f"val_{key}": value for key, value in totals.items()}
 
 
-def save_state(path: Path, model: nn.Module, optimizer, schedule, cfg: DictConfig, dataset: EpisodeDataset,
-               step: int, epoch: int, batch_in_epoch: int) -> None:
-    """Weights, optimizer, random generators and the position in the data: all a resume needs."""
-    optim_tensors, optim_json = optimizer_state(optimizer)
+def save_state(path: Path, opt: Optimisation, cfg: DictConfig, **position) -> None:
+    """Weights, optimizer, random generators, the model's record and the position in the data
+    (step, epoch, batch_in_epoch, total_steps): all that eval, probe and a resume need."""
+    optim_tensors, optim_json = optimizer_state(opt.optimizer)
     rng_tensors, rng_json = rng_state()
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+    tensors = {**{f"model.{k}": v for k, v in opt.model.state_dict().items()},
                **{f"optimizer.{k}": v for k, v in optim_tensors.items()},
                **{f"rng.{k}": v for k, v in rng_tensors.items()}}
-    dataset_info = {"path": str(dataset.path), "env": dataset.meta["env"], "image_shape": dataset.meta["image_shape"],
-                    "stats": dataset.meta["stats"]}
-    save_checkpoint(path, tensors, OmegaConf.to_container(cfg, resolve=True), kind="world_model", step=step,
-                    epoch=epoch, batch_in_epoch=batch_in_epoch, action_dim=model.action_dim, dataset=dataset_info,
-                    optimizer=optim_json, schedule=schedule.state_dict(), rng=rng_json)
+    save_checkpoint(path, tensors, OmegaConf.to_container(cfg, resolve=True), kind="world_model",
+                    **record(opt.model), **position, optimizer=optim_json, schedule=opt.schedule.state_dict(), rng=rng_json)
 
 
 def train(cfg: DictConfig) -> dict:
-    resume_from = None
-    if cfg.resume:
-        if cfg.run_dir is None:
-            raise LeworldError("resume=true needs run_dir=<the folder of the run to continue>")
-        resume_from = load_checkpoint(cfg.run_dir)
-        if resume_from.info.get("kind") != "world_model":
-            raise LeworldError(f"{resume_from.path} is not a world-model training checkpoint")
-        cfg = OmegaConf.create(resume_from.config)  # the run continues exactly as it was configured
-        OmegaConf.set_struct(cfg, True)
+    cfg, resume_from = resume_config(cfg) if cfg.resume else (cfg, None)
+    check_config(cfg)
     procs = start_processes(cfg.device)
     device = procs.device
     seed_everything(cfg.seed)  # the same initial weights on every process
 
-    dataset = EpisodeDataset.open(ensure_dataset(cfg, procs))
-    if dataset.meta["env"]["name"] != cfg.env.name:
-        raise LeworldError(f"data.path={dataset.path} holds {dataset.meta['env']['name']} data, not {cfg.env.name}")
+    model, dataset = model_and_data(cfg, procs, resume_from)
     if cfg.data.on_device and device.type == "cuda":
         dataset = dataset.to(device)
-    train_episodes, val_episodes = dataset.split(cfg.data.val_fraction, cfg.seed)
-    frames, frameskip = cfg.model.history + 1, cfg.model.frameskip
-    train_clips = ClipSampler(dataset, train_episodes, frames, frameskip)
-    calibration_clips = ClipSampler(dataset, train_episodes, frames, frameskip)
-    val_batches = [ClipSampler(dataset, val_episodes, frames, frameskip, seed=cfg.seed).sample(cfg.train.batch_size)
-                   for _ in range(cfg.train.val_batches)]
+    held_out = np.asarray(model.data.held_out)
+    train_episodes = np.setdiff1d(np.arange(dataset.num_episodes), held_out)
+    frames = cfg.model.history + 1
+    train_clips = ClipSampler(dataset, train_episodes, frames, model.codec)
+    val_clips = ClipSampler(dataset, held_out, frames, model.codec)
+    check_later_steps(cfg, dataset, held_out, model, device)
 
-    model = build_model(cfg, dataset).to(device)
-    if procs.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DistributedDataParallel(model) if procs.world_size > 1 else model
     per_epoch = train_clips.batches_per_epoch(cfg.train.batch_size * procs.world_size)
     if per_epoch == 0:
         raise LeworldError(f"{len(train_clips)} training clips make no batch of {cfg.train.batch_size} x "
                            f"{procs.world_size} processes; lower train.batch_size or collect more episodes")
-    total_steps = max(1, math.ceil(cfg.train.epochs * per_epoch))
-    optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
-    schedule = warmup_cosine(optimizer, total_steps, int(cfg.train.warmup * total_steps), cfg.train.final_lr_ratio)
-
-    step, epoch, batch_in_epoch = 0, 0, 0
+    total_steps = max(1, int(np.ceil(cfg.train.epochs * per_epoch)))
+    opt = Optimisation.start(model, procs, cfg.train, total_steps)
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": total_steps}
     if resume_from is not None:
-        load_weights(model, select(resume_from.tensors, "model"), resume_from.path)
-        restore_optimizer(optimizer, select(resume_from.tensors, "optimizer"), resume_from.info["optimizer"])
+        load_weights(opt.model, select(resume_from.tensors, "model"), resume_from.path)
+        restore_optimizer(opt.optimizer, select(resume_from.tensors, "optimizer"), resume_from.info["optimizer"])
         restore_rng(select(resume_from.tensors, "rng"), resume_from.info["rng"])
-        step, epoch, batch_in_epoch = (resume_from.info[k] for k in ("step", "epoch", "batch_in_epoch"))
-        schedule.load_state_dict(resume_from.info["schedule"])
+        opt.schedule.load_state_dict(resume_from.info["schedule"])
+        position |= {k: resume_from.info[k] for k in ("step", "epoch", "batch_in_epoch")}
 
-    run_dir = (Path(cfg.run_dir) if resume_from else new_run_dir(cfg.run_dir, "train")) if procs.is_main else None
-    log = RunLog(run_dir, cfg, enabled=procs.is_main)
-    parameters = sum(p.numel() for p in model.parameters())
-    log.print(f"{'resuming at step ' + str(step) + ' of ' if resume_from else ''}{cfg.model.name} world model, "
-              f"{parameters / 1e6:.1f}M parameters, on {device}{f' x {procs.world_size}' if procs.world_size > 1 else ''}; "
-              f"{dataset.path}: {len(train_episodes)} training / {len(val_episodes)} held-out episodes, "
-              f"{len(train_clips)} clips of {frames} frames every {frameskip} steps; {total_steps} steps "
-              f"({cfg.train.epochs} epochs of {per_epoch}); run folder {run_dir}")
+    run_dir = None
+    if procs.is_main:
+        run_dir = Path(cfg.run_dir) if resume_from else new_run_dir(cfg.run_dir, "train")
+        cfg.run_dir = str(run_dir)  # saved with the run, so that its config says where it is
+    try:
+        log = RunLog(run_dir, cfg, enabled=procs.is_main, resume_step=position["step"] if resume_from else None)
+        log.print(f"{'resuming at step ' + str(position['step']) + ' of ' if resume_from else ''}{cfg.model.name} world "
+                  f"model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, on {device}"
+                  f"{f' x {procs.world_size}' if procs.world_size > 1 else ''}; {dataset.path}: {len(train_episodes)} "
+                  f"training / {len(held_out)} held-out episodes, {len(train_clips)} clips of {frames} frames every "
+                  f"{model.frameskip} steps; {total_steps} steps ({cfg.train.epochs} epochs of {per_epoch}); run "
+                  f"folder {run_dir}")
+        val_batches = held_out_batches(val_clips, cfg.train.val_batches, cfg.train.batch_size, cfg.seed)
+        results = training_loop(opt, cfg, procs, train_clips, val_batches, position, run_dir, log)
+    except BaseException:
+        if procs.is_main and resume_from is None and not (run_dir / FILENAME).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: let the same run_dir be used again
+        raise
+    opt.finish()
+    if not procs.is_main:
+        return {}
+    return results | after_training(opt.model, cfg, dataset, train_episodes, held_out, device, run_dir, log)
 
-    def save() -> None:
-        if procs.is_main:
-            save_state(run_dir / FILENAME, model, optimizer, schedule, cfg, dataset, step, epoch, batch_in_epoch)
 
-    sums, window, first_loss, start = {}, 0, None, time.perf_counter()  # sums: loss terms since the last log
-    start_step, metrics = step, {}
+def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_clips: ClipSampler,
+                  val_batches: list[dict], position: dict, run_dir: Path | None, log: RunLog) -> dict:
+    """Train from `position` to its total_steps, validating and saving as configured."""
+    device, total_steps = procs.device, position["total_steps"]
+    step, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+    sums, window, first_loss, metrics, saved_at = {}, 0, None, {}, step  # sums: loss terms since the last log
+    start, start_step = time.perf_counter(), step
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not procs.is_main, dynamic_ncols=True)
     try:
         while step < total_steps:
             order = train_clips.epoch(cfg.train.batch_size, seed=cfg.seed * 100_003 + epoch, skip=batch_in_epoch,
                                       shard=(procs.rank, procs.world_size))
             for batch in order:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
-                    out = net(batch)
-                optimizer_step(out["loss"], model, optimizer, schedule, cfg.train.grad_clip)
+                    out = opt.net({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                opt.step(out["loss"])
                 step, batch_in_epoch, window = step + 1, batch_in_epoch + 1, window + 1
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value.detach()
                 bar.update()
-
                 validating = step % cfg.train.val_every == 0 or step == total_steps
                 saving = step % cfg.train.save_every == 0 or step == total_steps
                 if validating or saving:
-                    recalibrate_batchnorm(model, calibration_clips, cfg.train.bn_batches, cfg.train.batch_size,
-                                          cfg.seed, device)
-                    model.train()
+                    recalibrate_batchnorm(opt.model, train_clips, cfg.train.bn_batches, cfg.train.batch_size, cfg.seed,
+                                          device)
+                    opt.model.train()
                 if step % cfg.train.log_every == 0 or validating:
                     metrics = {key: float(total) / window for key, total in sums.items()}
-                    check_finite(metrics["loss"], step, cfg.train.lr)
+                    check_finite(metrics["loss"], step, f"lower train.lr (now {cfg.train.lr})")
                     first_loss = metrics["loss"] if first_loss is None else first_loss
                     clips_per_s = (step - start_step) * cfg.train.batch_size * procs.world_size / (time.perf_counter() - start)
-                    metrics |= {"lr": schedule.get_last_lr()[0], "epoch": epoch, "clips_per_s": clips_per_s}
+                    metrics |= {"lr": opt.lr, "epoch": epoch, "clips_per_s": clips_per_s}
                     if validating:
-                        metrics |= validate(model, val_batches, device)
+                        metrics |= validate(opt.model, val_batches, device)
                     log.log(step, metrics)
                     bar.set_postfix({key: f"{metrics[key]:.3g}" for key in sums} | {"clips_s": f"{clips_per_s:.0f}"}
                                     | ({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
                     sums, window = {}, 0
                 if saving:
-                    check_finite(out["loss"].item(), step, cfg.train.lr)  # never save weights a NaN went through
-                    save()
+                    check_finite(out["loss"].item(), step, f"lower train.lr (now {cfg.train.lr})")
+                    if procs.is_main:
+                        save_state(run_dir / FILENAME, opt, cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                                   total_steps=total_steps)
+                    saved_at = step
                 if step == total_steps:
                     break
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
+    except KeyboardInterrupt:
+        bar.close()
+        kept = (f"the checkpoint of step {saved_at} is kept in {run_dir}; continue with python -m leworld.train "
+                f"resume=true run_dir={run_dir}") if (run_dir and (run_dir / FILENAME).exists()) else "no checkpoint was saved yet"
+        log.print(f"interrupted at step {step}: {kept}")
+        raise
     finally:
         bar.close()
-    del net  # DDP's reducer holds the process group: it must go while the other processes are still there
-    stop_processes()
-    if not procs.is_main:
-        return {}
-
     elapsed = time.perf_counter() - start
-    results = {"steps": step, "seconds": elapsed, "loss_first": first_loss, **metrics}
     sigreg = f", SIGReg {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)" if "sigreg" in metrics else ""
     log.print(f"trained to step {step} in {elapsed / 60:.1f} min: loss {first_loss:.3f} -> {metrics['loss']:.3f}, "
               f"held-out {metrics.get('val_loss', float('nan')):.3f}{sigreg}")
-    if cfg.probe.after_training:
-        results["probe"] = probe_world_model(model.eval(), dataset, train_episodes, val_episodes, cfg.probe, cfg.seed,
-                                             device, say=log.print)
+    return {"steps": step, "seconds": elapsed, "loss_first": first_loss, **metrics}
+
+
+def after_training(model: WorldModel, cfg: DictConfig, dataset: EpisodeDataset, train_episodes: np.ndarray,
+                   held_out: np.ndarray, device: torch.device, run_dir: Path, log: RunLog) -> dict:
+    """Probe what the latents learned, then plan with the model, as configured."""
+    results = {"run_dir": str(run_dir)}
+    model.eval()
+    if cfg.probe_after_training:
+        results["probe"] = probe_world_model(model, dataset, train_episodes, held_out, cfg.probe, device, say=log.print)
         (run_dir / "probe.json").write_text(json.dumps(results["probe"], indent=1))
     log.close()
     if cfg.plan_after_training:
-        results["eval"] = run_eval(load_config("eval", [f"ckpt={run_dir}", f"device={cfg.device}",
-                                                        f"out_dir={run_dir / 'eval'}", *cfg.plan_overrides]))
-    return results | {"run_dir": str(run_dir)}
+        results["eval"] = plan(model.requires_grad_(False), dataset, cfg.planner, cfg.protocol, cfg.seed, device,
+                               run_dir / "eval", {"ckpt": str(run_dir / FILENAME)})
+    return results
+
+
+# ---- checkpoints of older leworld versions --------------------------------------------------
+
+
+def upgrade(cfg: DictConfig) -> Path:
+    """python -m leworld.train upgrade ckpt=<run> [data_path=<its dataset>]: give a world-model
+    checkpoint written before checkpoints carried their record (action codec, env, data) that
+    record, rebuilt from its config and its dataset exactly as that version computed them. The
+    original is kept beside it as checkpoint.v1.safetensors."""
+    ckpt = load_checkpoint(cfg.ckpt)
+    if ckpt.info.get("kind") != "world_model":
+        raise LeworldError(f"{ckpt.path} is not a world-model checkpoint")
+    if "action_codec" in ckpt.info:
+        raise LeworldError(f"{ckpt.path} is already current; nothing to do")
+    config = ckpt.config
+    dataset = EpisodeDataset.open(cfg.data_path or config["data"]["path"])
+    env = envs.make(config["env"]["name"], **config["env"]["kwargs"])
+    stats = ckpt.info.get("dataset", {}).get("stats", dataset.meta["stats"])["action"]  # what the model trained with
+    model = WORLD_MODELS[config["model"].get("type", "lewm")](
+        config["model"], ActionCodec.from_stats(stats, env.action_space.low, env.action_space.high,
+                                                config["model"]["frameskip"]))
+    _, held_out = dataset.split(config["data"]["val_fraction"], config["seed"])
+    model.env = EnvSpec(config["env"]["name"], config["env"]["kwargs"])
+    model.data = DataRecord(str(dataset.path), dataset.meta["num_frames"], dataset.fingerprint(),
+                            tuple(int(e) for e in held_out))
+    backup = ckpt.path.with_name("checkpoint.v1.safetensors")
+    shutil.copy2(ckpt.path, backup)
+    info = {k: v for k, v in ckpt.info.items() if k not in ("dataset", "action_dim")} | record(model)
+    save_checkpoint(ckpt.path, ckpt.tensors, config, **info)
+    print(f"upgraded {ckpt.path} (the original is kept as {backup}); eval and probe can load it")
+    return ckpt.path
 
 
 def main() -> None:
-    run_main("train", train)
+    if len(sys.argv) > 1 and sys.argv[1] == "upgrade":
+        run_main("upgrade", upgrade, sys.argv[2:])
+    else:
+        run_main("train", train)
 
 
 if __name__ == "__main__":

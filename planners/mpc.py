@@ -1,10 +1,10 @@
 """Model-predictive control over a batch of environments.
 
-    observe ──▶ cost of candidate plans (objective) ──▶ planner ──▶ execute the first k blocks ──┐
+    observe ──▶ cost of candidate plans (objective) ──▶ planner ──▶ execute the first k chunks ──┐
        ▲                                                                                         │
        └─────────────────────────────── until success or the step budget ◀──────────────────────┘
 
-Plans are in normalised action blocks (fs·A per block); `to_env` turns them into raw env actions.
+Plans are in normalised action chunks (fs·A per chunk); `to_env` turns them into raw env actions.
 An objective builds the cost function from what the environments showed so far, once per solve
 (the world model encodes the frames there, never inside the planner's iterations); the goal is the
 objective's business, fixed when it is made. Success is latched: an environment that reached its
@@ -23,9 +23,10 @@ from planners.common import CostFn
 
 
 class Objective(Protocol):
-    def cost_fn(self, observed: dict[str, np.ndarray], blocks: Tensor, index: np.ndarray) -> CostFn:
+    def cost_fn(self, observed: dict[str, np.ndarray], chunks: Tensor | None, index: np.ndarray) -> CostFn:
         """observed: the last frames of the environments in `index`, {"pixels": (b, T, H, W, 3) uint8,
-        "state": (b, T, S)}; blocks: the action blocks taken between those frames (b, T − 1, fs·A).
+        "state": (b, T, S)}; chunks: the action chunks taken between those frames (b, T − 1, fs·A),
+        None when T = 1.
         -> the cost of plans (b, S, H, fs·A) for those environments."""
 
 
@@ -42,21 +43,21 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
             receding_horizon: int, budget: int, frameskip: int, history: int, record: bool = False,
             synchronize: Callable[[], None] = lambda: None) -> MPCResult:
     """Run B environments (already reset to their starts and goals, observations in envs' last
-    frames) under MPC. to_env: blocks (B, k, fs·A) -> raw actions (B, k·fs, A). history: frames the
-    objective is shown (the last ones, one per block). synchronize: waits for an accelerator, so
+    frames) under MPC. to_env: chunks (B, k, fs·A) -> raw actions (B, k·fs, A). history: frames the
+    objective is shown (the last ones, one per chunk). synchronize: waits for an accelerator, so
     that solve times are real."""
     if not 0 < receding_horizon <= horizon:
         raise ValueError(f"receding_horizon must be in 1..horizon={horizon}, got {receding_horizon}")
     b = len(envs)
-    pixels = [[env.render()] for env in envs]  # per environment, frames one block apart
+    pixels = [[env.render()] for env in envs]  # per environment, frames one chunk apart
     states = [[env.get_state()] for env in envs]
-    blocks: list[list[Tensor]] = [[] for _ in envs]  # the action block after each of those frames
+    chunks: list[list[Tensor]] = [[] for _ in envs]  # the action chunk after each of those frames
     frames = [[pixels[i][0]] for i in range(b)] if record else []
     success, steps = np.zeros(b, dtype=bool), np.zeros(b, dtype=int)
 
     def execute(i: int, raw: np.ndarray, planned: Tensor) -> None:
-        """Step environment i through action blocks (raw (k·fs, A), planned (k, fs·A)) until
-        success or the budget; keep a frame for the objective after every whole block."""
+        """Step environment i through action chunks (raw (k·fs, A), planned (k, fs·A)) until
+        success or the budget; keep a frame for the objective after every whole chunk."""
         for k in range(len(planned)):
             for j in range(frameskip):
                 obs, _, _, _, info = envs[i].step(raw[k * frameskip + j])
@@ -68,14 +69,14 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
                     return
             pixels[i].append(obs)
             states[i].append(info["state"])
-            blocks[i].append(planned[k].cpu())
+            chunks[i].append(planned[k].cpu())
 
     solve_seconds, plan = [], None
     while (active := np.flatnonzero(~success & (steps < budget))).size:
-        context = min(history, *(len(pixels[i]) for i in active))
-        observed = {"pixels": np.stack([pixels[i][-context:] for i in active]),
-                    "state": np.stack([states[i][-context:] for i in active])}
-        taken = torch.stack([torch.stack(blocks[i][-(context - 1):]) for i in active]) if context > 1 else None
+        seen = min(history, *(len(pixels[i]) for i in active))  # frames shown to the objective
+        observed = {"pixels": np.stack([pixels[i][-seen:] for i in active]),
+                    "state": np.stack([states[i][-seen:] for i in active])}
+        taken = torch.stack([torch.stack(chunks[i][-(seen - 1):]) for i in active]) if seen > 1 else None
         synchronize()
         start = time.perf_counter()
         cost_fn = objective.cost_fn(observed, taken, active)
@@ -95,7 +96,7 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
     return MPCResult(success, steps, final_state, solve_seconds, frames)
 
 
-def shift(plan: Tensor, blocks: int) -> Tensor:
-    """The rest of a plan (B, H, A) after `blocks` executed blocks, padded with zeros (the mean of
+def shift(plan: Tensor, executed: int) -> Tensor:
+    """The rest of a plan (B, H, A) after `executed` chunks, padded with zeros (the mean of
     normalised actions): the warm start of the next solve."""
-    return torch.cat([plan[:, blocks:], torch.zeros_like(plan[:, :blocks])], dim=1)
+    return torch.cat([plan[:, executed:], torch.zeros_like(plan[:, :executed])], dim=1)

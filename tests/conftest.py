@@ -10,8 +10,7 @@ os.environ.setdefault("LP_NUM_THREADS", "0")
 
 
 # a world model small enough for seconds on a CPU
-TINY_MODEL = ["model.image_size=32", "model.latent_dim=32", "model.encoder.backbone.image_size=32",
-              "model.encoder.backbone.patch_size=8", "model.encoder.backbone.dim=32", "model.encoder.backbone.depth=2",
+TINY_MODEL = ["model.latent_dim=32", "model.encoder.backbone.patch_size=8", "model.encoder.backbone.dim=32", "model.encoder.backbone.depth=2",
               "model.encoder.backbone.heads=2", "model.encoder.projector.hidden=[64]",
               "model.predictor.width=32", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.mlp_hidden=64",
               "model.predictor.projector.hidden=[64]", "model.sigreg.num_slices=64", "model.frameskip=2"]
@@ -35,8 +34,8 @@ def trained(data_path, tmp_path_factory):
     """A tiny world model trained by a short run that first collects its (missing) dataset."""
     run_dir = tmp_path_factory.mktemp("runs") / "trained"
     done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=12", f"run_dir={run_dir}",
-               "plan_after_training=true", 'plan_overrides=["planner.samples=16","planner.elites=4","planner.iterations=2","protocol.episodes=3",'
-               '"protocol.goal_offset=10","protocol.budget=8","protocol.horizon=2","videos=1"]')
+               "plan_after_training=true", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
+               "protocol.episodes=3", "protocol.goal_offset=10", "protocol.budget=8", "protocol.horizon=2", "protocol.videos=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "collecting it first" in done.stdout
     return run_dir, done.stdout

@@ -146,7 +146,7 @@ def test_baseline_trains_and_plans(data_path, trained, tmp_path):
     out = tmp_path / "eval"
     done = run("eval", f"ckpt={run_dir}", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
                "protocol.episodes=3", "protocol.goal_offset=10", "protocol.budget=8", "protocol.horizon=2",
-               "videos=1", f"out_dir={out}")
+               "protocol.videos=1", f"out_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads((out / "eval.json").read_text())["episodes"]["planner"]) == 3
 
@@ -219,6 +219,6 @@ def test_baseline_with_proprioception_trains_and_plans(data_path, trained, tmp_p
     out = tmp_path / "eval"
     done = run("eval", f"ckpt={run_dir}", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
                "protocol.episodes=2", "protocol.goal_offset=10", "protocol.budget=4", "protocol.horizon=2",
-               "random_baseline=false", "videos=0", f"out_dir={out}")
+               "protocol.random_baseline=false", "protocol.videos=0", f"out_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads((out / "eval.json").read_text())["episodes"]["planner"]) == 2

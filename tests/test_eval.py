@@ -16,7 +16,7 @@ SMALL = ["planner.samples=32", "planner.elites=4", "planner.iterations=2", "prot
 
 def test_eval_runs_end_to_end_and_writes_its_files(trained, tmp_path):
     out = tmp_path / "eval"
-    done = run("eval", f"ckpt={trained[0]}", *SMALL, f"out_dir={out}", "videos=2")
+    done = run("eval", f"ckpt={trained[0]}", *SMALL, f"out_dir={out}", "protocol.videos=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "success" in done.stdout and "random actions: success" in done.stdout
     report = json.loads((out / "eval.json").read_text())
@@ -35,8 +35,8 @@ def test_every_planner_runs(trained, tmp_path):
     for planner in ("mppi", "gradient"):
         extra = ["planner.samples=32", "planner.elites=4", "planner.iterations=2"] if planner == "mppi" else \
             ["planner.restarts=2", "planner.steps=3"]
-        done = run("eval", f"ckpt={trained[0]}", f"planner={planner}", *extra, *SMALL[3:], "random_baseline=false",
-                   "videos=0", f"out_dir={tmp_path / planner}")
+        done = run("eval", f"ckpt={trained[0]}", f"planner={planner}", *extra, *SMALL[3:], "protocol.random_baseline=false",
+                   "protocol.videos=0", f"out_dir={tmp_path / planner}")
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(json.loads((tmp_path / planner / "eval.json").read_text())["episodes"]["planner"]) == 5
 

@@ -44,7 +44,7 @@ def test_probe_command_on_a_checkpoint(trained):
 
 
 def test_a_killed_run_resumes_to_the_same_weights(data_path, tmp_path, trained):
-    args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=6", "train.save_every=3", "probe.after_training=false"]
+    args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
     whole = tmp_path / "whole"
     assert run("train", *args, f"run_dir={whole}").returncode == 0
 
@@ -80,7 +80,7 @@ def test_torchrun_with_two_processes(data_path, tmp_path, trained):
     run_dir = tmp_path / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "leworld.train", *TINY_RUN, f"data.path={data_path}", "train.epochs=1",
-                           "train.batch_size=16", f"run_dir={run_dir}", "probe.after_training=false"],
+                           "train.batch_size=16", f"run_dir={run_dir}", "probe_after_training=false"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert " x 2;" in (run_dir / "console.log").read_text()
@@ -101,7 +101,7 @@ def test_encoder_from_image_pretraining(data_path, tmp_path, trained):
     for freeze in ("true", "false"):
         run_dir = tmp_path / f"init_{freeze}"
         done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=0.5", f"run_dir={run_dir}",
-                   f"model.encoder.init={pretrained}", f"model.encoder.freeze={freeze}", "probe.after_training=false")
+                   f"model.encoder.init={pretrained}", f"model.encoder.freeze={freeze}", "probe_after_training=false")
         assert done.returncode == 0, done.stderr[-2000:]
         trained_backbone = select(load_checkpoint(run_dir).tensors, "model.backbone")
         same = all(torch.equal(trained_backbone[k], v) for k, v in backbone.items() if not k.endswith("num_batches_tracked"))

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from leworld import LeworldError
 from leworld.augment import normalize, resize, to_float
-from leworld.checkpoint import FILENAME, load_checkpoint, select
-from leworld.data import EpisodeDataset
-from leworld.models.lewm import load_weights
+from leworld.checkpoint import FILENAME, load_checkpoint, load_weights, select
+from leworld.data import ActionCodec
+from leworld.models.base import WorldModel
 from leworld.nn.vit import Block, ViT
 
 
@@ -66,15 +66,15 @@ class FramePredictor(nn.Module):
         return rearrange(self.head(self.norm(x)), "b (t p) e -> b t p e", t=t)
 
 
-class DinoWorldModel(nn.Module):
-    def __init__(self, cfg: DictConfig | dict, action_dim: int):
-        """cfg: a model config (configs/model/dinowm.yaml); action_dim: raw actions per env step.
-        The encoder starts random: build_dinowm (training) or a checkpoint fills it."""
-        super().__init__()
-        cfg = OmegaConf.create(cfg)
-        self.cfg, self.action_dim = cfg, action_dim
-        self.image_size, self.history, self.frameskip = cfg.image_size, cfg.history, cfg.frameskip
-        backbone = {k: v for k, v in OmegaConf.to_container(cfg.encoder.backbone).items() if k not in ("name", "weight_decay")}
+class DinoWorldModel(WorldModel):
+    def __init__(self, cfg: DictConfig | dict, codec: ActionCodec):
+        """cfg: a model config (configs/model/dinowm.yaml) whose encoder architecture and proprio
+        size are filled in (dinowm_config); codec: the action space it sees. The encoder starts
+        random: build_dinowm (training) or a checkpoint fills it."""
+        super().__init__(cfg, codec)
+        cfg = self.cfg
+        self.image_size = cfg.image_size
+        backbone = {k: v for k, v in OmegaConf.to_container(cfg.encoder.backbone).items() if k != "name"}
         self.encoder = ViT(**backbone).requires_grad_(False).eval()
         patch = self.encoder.patch_size
         if cfg.image_size % patch:
@@ -88,7 +88,7 @@ class DinoWorldModel(nn.Module):
             self.register_buffer("proprio_mean", torch.zeros(self.proprio_dim))
             self.register_buffer("proprio_std", torch.ones(self.proprio_dim))
         p = cfg.predictor
-        self.action_encoder = nn.Linear(cfg.frameskip * action_dim, p.action_embed)
+        self.action_encoder = nn.Linear(codec.block_dim, p.action_embed)
         self.predictor = FramePredictor(self.num_patches, self.token_dim + self.proprio_dim, p.action_embed, p.depth,
                                         p.heads, p.head_dim, p.mlp_hidden, cfg.history)
 
@@ -96,8 +96,6 @@ class DinoWorldModel(nn.Module):
         super().train(mode)
         self.encoder.eval()  # frozen, always
         return self
-
-    # ---- the world-model interface ------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:
@@ -122,35 +120,10 @@ class DinoWorldModel(nn.Module):
         proprio = (tokens[..., self.token_dim:] - target[..., self.token_dim:]).square().mean((-2, -1))
         return visual + self.proprio_weight * proprio
 
-    def predict(self, latents: Tensor, actions: Tensor) -> Tensor:
-        """Teacher forcing: tokens (B, T, P, E) and the action blocks after each frame (B, T, fs·A)
+    def predict(self, latents: Tensor, chunks: Tensor) -> Tensor:
+        """Teacher forcing: tokens (B, T, P, E) and the action chunk after each frame (B, T, fs·A)
         -> predicted next tokens (B, T, P, E)."""
-        return self.predictor(latents, self.action_encoder(actions))
-
-    def rollout(self, context: Tensor, actions: Tensor, context_actions: Tensor | None = None) -> Tensor:
-        """context (B, Tc, P, E), actions (B, H, fs·A), context_actions (B, Tc − 1, fs·A) -> (B, H, P, E)."""
-        if context.shape[1] > 1 and context_actions is None:
-            raise LeworldError("rollout from several context frames needs the actions taken between them")
-        steps = actions if context_actions is None else torch.cat([context_actions, actions], dim=1)
-        embedded = self.action_encoder(steps)  # (B, Tc − 1 + H, A_e): every action block embedded once
-        latents, first = context, context.shape[1] - 1
-        predictions = []
-        for h in range(actions.shape[1]):
-            window = slice(max(0, first + h + 1 - self.history), first + h + 1)
-            predictions.append(self.predictor(latents[:, window], embedded[:, window])[:, -1:])  # (B, 1, P, E)
-            latents = torch.cat([latents, predictions[-1]], dim=1)
-        return torch.cat(predictions, dim=1)
-
-    def plan_cost(self, context: Tensor, goal: Tensor, actions: Tensor, context_actions: Tensor | None = None) -> Tensor:
-        """context (B, Tc, P, E), goal (B, P, E), action blocks (B, S, H, fs·A) -> distance of each
-        plan's last imagined tokens to the goal's (B, S) (E includes Q with proprioception)."""
-        b, s = actions.shape[:2]
-        context = repeat(context, "b t p e -> (b s) t p e", s=s)
-        if context_actions is not None:
-            context_actions = repeat(context_actions, "b t a -> (b s) t a", s=s)
-        final = self.rollout(context, rearrange(actions, "b s h a -> (b s) h a"), context_actions)[:, -1]
-        distance = self.distance(final, repeat(goal, "b p e -> (b s) p e", s=s))
-        return rearrange(distance, "(b s) -> b s", b=b)
+        return self.predictor(latents, self.action_encoder(chunks))
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch: pixels (B, T, 3, H, W) uint8, actions (B, T, fs·A), T = history + 1, and with
@@ -161,8 +134,6 @@ class DinoWorldModel(nn.Module):
         predicted = self.predict(tokens[:, :-1], batch["actions"][:, :-1])
         pred = self.distance(predicted, tokens[:, 1:]).mean()
         return {"loss": pred, "pred": pred}
-
-    forward = loss
 
 
 def read_vit_weights(path: str | Path, heads: int | None = None) -> tuple[dict[str, Tensor], dict]:
@@ -181,8 +152,7 @@ def read_vit_weights(path: str | Path, heads: int | None = None) -> tuple[dict[s
             ckpt = load_checkpoint(path)
             if ckpt.info.get("kind") != "pretrain" or ckpt.config["backbone"]["name"] != "vit":
                 raise LeworldError(f"{path} is a leworld checkpoint but not an image-pretraining one with a ViT backbone")
-            config = {k: v for k, v in ckpt.config["backbone"].items() if k != "weight_decay"}
-            return select(ckpt.tensors, "backbone"), config
+            return select(ckpt.tensors, "backbone"), ckpt.config["backbone"]
         state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise LeworldError(f"{path} is not a readable weights file ({type(err).__name__}: {str(err)[:100]}); it may "
@@ -220,21 +190,30 @@ def vit_config(state: dict[str, Tensor], heads: int | None = None) -> dict:
     return config
 
 
-def build_dinowm(cfg: DictConfig, dataset: EpisodeDataset) -> DinoWorldModel:
-    """A DINO-WM to train on `dataset`: the encoder's architecture read from its weights and the
-    proprioception's size from the data (the config records both, so checkpoints rebuild it),
-    then the weights and the proprioception statistics loaded."""
+def dinowm_config(cfg: DictConfig, dataset) -> DictConfig:
+    """The model config a DINO-WM trains with: the encoder's architecture read from its weights
+    file and the proprioception's size from the data, so that its checkpoint rebuilds it."""
     weights = cfg.model.encoder.weights
     if weights is None:
         raise LeworldError("model=dinowm needs model.encoder.weights=<a DINOv2 .pth/.safetensors file or a leworld "
                            "image-pretraining run with a ViT>; nothing is downloaded")
-    state, config = read_vit_weights(weights, cfg.model.encoder.heads)
-    OmegaConf.update(cfg, "model.encoder.backbone", config, merge=False)
+    _, backbone = read_vit_weights(weights, cfg.model.encoder.heads)
+    resolved = {"encoder": {"backbone": backbone}}
     if cfg.model.proprio.use:
         if "proprio" not in dataset.tensors.keys():
             raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
-        cfg.model.proprio.dim = dataset.meta["proprio_dim"]
-    model = DinoWorldModel(cfg.model, dataset.meta["action_dim"])
+        resolved["proprio"] = {"dim": dataset.meta["proprio_dim"]}
+    model_cfg = OmegaConf.merge(cfg.model, resolved)
+    model_cfg.encoder.backbone = backbone  # replaced whole: the preset's keys may not fit the file's ViT
+    return model_cfg
+
+
+def build_dinowm(model_cfg: DictConfig, codec: ActionCodec, dataset) -> DinoWorldModel:
+    """A DINO-WM to train on `dataset` (model_cfg from dinowm_config): the frozen encoder's weights
+    loaded and the proprioception statistics taken from the data."""
+    model = DinoWorldModel(model_cfg, codec)
+    weights = model_cfg.encoder.weights
+    state, _ = read_vit_weights(weights, model_cfg.encoder.heads)
     load_weights(model.encoder, state, weights)
     if model.proprio_dim:
         proprio = dataset.tensors["proprio"][:].float()  # (N, Q)

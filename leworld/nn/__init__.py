@@ -11,7 +11,7 @@ from leworld.nn.projector import Projector
 from leworld.nn.vit import ViT
 
 BACKBONES = {"vit": ViT, "convnet": ConvNet}
-NOT_CONSTRUCTOR_ARGS = ("name", "weight_decay")  # backbone config keys read by others (the optimizer)
+NOT_CONSTRUCTOR_ARGS = ("name",)
 
 
 def build_backbone(cfg: DictConfig | dict) -> nn.Module:

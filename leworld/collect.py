@@ -7,13 +7,18 @@ exploration for a `expert_fraction` share of the episodes) and write each finish
 own file, atomically. When all are there, they are gathered into the dataset (leworld/data.py
 describes the format) and meta.json is written last. An interrupted run keeps every finished
 episode; `resume=true` collects only the missing ones.
+
+A folder being collected into holds collection.json (the settings that decide its episodes) until
+meta.json replaces it: only such a folder is resumed or cleaned up, and only with the same settings.
 """
 
+import ctypes
 import datetime
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -27,9 +32,10 @@ from tqdm import tqdm
 import envs
 from leworld import LeworldError
 from leworld.data import FORMAT, VERSION, dataset_problems
-from leworld.runtime import run_main
+from leworld.runtime import check_values, run_main
 
 EPISODE_FILE = "ep_{:06d}.npz"
+MARKER = "collection.json"  # dataset_problems (data.py) knows this name too
 
 
 def env_kwargs(env_cfg: DictConfig) -> dict:
@@ -63,6 +69,10 @@ _worker = {}
 
 
 def _start_worker(env_name: str, kwargs: dict, spec: dict) -> None:
+    if sys.platform.startswith("linux"):  # a killed collector must not leave its workers collecting
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != spec["parent"]:  # it died before prctl took effect
+            os._exit(1)
     torch.set_num_threads(1)  # workers do numpy and MuJoCo only
     _worker.update(env=envs.make(env_name, **kwargs), name=env_name, **spec)
 
@@ -77,8 +87,13 @@ def _collect_one(index: int) -> int:
     episode = record_episode(w["env"], policy, w["episode_length"], seed=int(rng.integers(2**31)))
     final = Path(w["folder"]) / EPISODE_FILE.format(index)
     partial = final.with_suffix(".partial.npz")
-    np.savez(partial, expert=expert, **episode)
-    os.replace(partial, final)
+    try:
+        np.savez(partial, expert=expert, **episode)
+        os.replace(partial, final)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise LeworldError(f"could not write {final} ({err.strerror or err}); free space or make the folder "
+                           "writable, then run again with resume=true") from None
     return index
 
 
@@ -88,6 +103,16 @@ def _collect_one(index: int) -> int:
 def _statistics(values: np.ndarray) -> dict:
     return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
             "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+
+
+def check_free_space(root: Path, needed: int, fix: str = "free space or choose another path=") -> None:
+    """LeworldError unless the disk that holds (or will hold) `root` has `needed` bytes free: a full
+    disk under a memory map ends the process by SIGBUS, with no message."""
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    unit, scale = ("GB", 1e9) if max(needed, free) >= 1e8 else ("MB", 1e6)
+    if free < needed:
+        raise LeworldError(f"{root} needs {needed / scale:.1f} {unit} but its disk has {free / scale:.1f} {unit} free; {fix}")
 
 
 def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
@@ -106,7 +131,13 @@ def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
         layout["proprio"] = torch.zeros(()).expand(n, first["proprio"].shape[1])
     partial = root / "tensors.partial"
     shutil.rmtree(partial, ignore_errors=True)
+    check_free_space(root, sum(t.numel() * t.element_size() for t in layout.values()),
+                     "free space, then run again with resume=true (the episodes are kept)")
     tensors = TensorDict(layout, batch_size=[n]).memmap_like(partial)
+    if hasattr(os, "posix_fallocate"):  # the files are sparse: take their blocks now, so that a full disk is an OSError
+        for file in partial.glob("*.memmap"):
+            with open(file, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, file.stat().st_size)
 
     start, actions, states, experts = 0, [], [], []
     for index, file in enumerate(tqdm(episode_files, desc="writing dataset", leave=False)):
@@ -141,26 +172,81 @@ def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
     os.replace(root / "meta.json.partial", root / "meta.json")
 
 
+def unfinished_collection(path: str | Path) -> bool:
+    """Whether `path` holds a collection leworld started and did not finish (resume=true finishes it).
+    False for nothing there, an empty folder, or a finished dataset (meta.json). Anything else is the
+    user's, never to be collected into nor cleaned up: LeworldError."""
+    root = Path(path)
+    if (root / "meta.json").exists() or not root.exists() or root.is_dir() and not any(root.iterdir()):
+        return False
+    if (root / MARKER).is_file():
+        return True
+    what = "a file" if not root.is_dir() else f"a folder with neither a dataset (meta.json) nor a collection ({MARKER}) in it"
+    raise LeworldError(f"{root} is {what}; choose another path, or empty it yourself (leworld changed nothing there)")
+
+
+def collection_settings(cfg: DictConfig) -> dict:
+    """What decides a collection's episodes, by override name: a resumed run must have the same."""
+    return {"env": cfg.env.name, **{f"env.kwargs.{k}": v for k, v in env_kwargs(cfg.env).items()},
+            "episodes": cfg.episodes, "episode_length": cfg.episode_length,
+            "expert_fraction": cfg.expert_fraction, "noise": cfg.noise, "seed": cfg.seed}
+
+
+def _check_resumable(root: Path, settings: dict) -> None:
+    try:
+        before = json.loads((root / MARKER).read_text())
+        now = json.loads(json.dumps(settings))  # compared as they are stored
+        differ = [f"{key}={before.get(key)} (this run: {now.get(key)})" for key in {**before, **now}
+                  if before.get(key) != now.get(key)]
+    except (OSError, ValueError, AttributeError) as err:
+        raise LeworldError(f"{root / MARKER} is unreadable ({err}); collect into another path=") from None
+    if differ:
+        raise LeworldError(f"{root} is an unfinished collection with other settings: {', '.join(differ)}; resume it "
+                           "with its settings or choose another path=")
+
+
+def _frame_bytes(env: envs.MujocoEnv, seed: int) -> int:
+    """About what one frame takes in an episode file, and again in the dataset."""
+    obs, info = env.reset(seed=seed)
+    floats = env.action_space.shape[0] + np.size(info["state"]) + np.size(info.get("proprio", ()))
+    return obs.nbytes + 8 * floats + 16
+
+
 def collect(cfg: DictConfig) -> Path:
+    check_values(cfg, {"episodes": (int, 1, None), "episode_length": (int, 1, None), "workers": (int, 1, None),
+                       "expert_fraction": (float, 0, 1), "noise": (float, 0, None), "seed": (int, 0, None)})
     kwargs = env_kwargs(cfg.env)
-    envs.make(cfg.env.name, **kwargs).close()  # bad env settings fail here, in one line, before any file is made
+    env = envs.make(cfg.env.name, **kwargs)  # bad env settings fail here, in one line, before any file is made
+    frame_bytes = _frame_bytes(env, cfg.seed)
+    env.close()
     root = Path(cfg.path)
     if (root / "meta.json").exists():
         raise LeworldError(f"{root} already holds a finished dataset; choose another path= or delete it")
+    settings = collection_settings(cfg)
+    if unfinished_collection(root):
+        if not cfg.resume:
+            raise LeworldError(f"{root} holds an unfinished collection; pass resume=true to finish it, or choose another path=")
+        _check_resumable(root, settings)
     episodes_dir = root / "episodes"
-    if root.exists() and any(root.iterdir()) and not cfg.resume:
-        raise LeworldError(f"{root} holds an unfinished collection; pass resume=true to finish it, or choose another path=")
-    episodes_dir.mkdir(parents=True, exist_ok=True)
-    for stale in episodes_dir.glob("*.partial.npz"):  # written when a run was killed: incomplete
-        stale.unlink()
-
-    done = {int(f.stem.split("_")[1]) for f in episodes_dir.glob("ep_*.npz")}
+    done = {int(f.stem.split("_")[1]) for f in episodes_dir.glob("ep_*[0-9].npz")}
     todo = [i for i in range(cfg.episodes) if i not in done]
+    check_free_space(root, (len(todo) + cfg.episodes) * (cfg.episode_length + 1) * frame_bytes)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # before anything else, the marker that makes the folder leworld's (rewritten on resume: proves it writable)
+        (root / f"{MARKER}.partial").write_text(json.dumps(settings, indent=1))
+        os.replace(root / f"{MARKER}.partial", root / MARKER)
+        episodes_dir.mkdir(exist_ok=True)
+        for stale in episodes_dir.glob("*.partial.npz"):  # written when a run was killed: incomplete
+            stale.unlink()
+    except OSError as err:
+        raise LeworldError(f"cannot write in {root} ({err.strerror or err}); make it writable or choose another path=") from None
+
     print(f"collecting {cfg.env.name} into {root}: {cfg.episodes} episodes of {cfg.episode_length} steps at "
           f"{kwargs.get('image_size')} px, {cfg.expert_fraction:.0%} expert, {cfg.workers} workers"
           + (f"; {len(done)} already there" if done else ""))
     spec = {"seed": cfg.seed, "expert_fraction": cfg.expert_fraction, "noise": cfg.noise,
-            "episode_length": cfg.episode_length, "folder": str(episodes_dir)}
+            "episode_length": cfg.episode_length, "folder": str(episodes_dir), "parent": os.getpid()}
     if todo:
         with mp.get_context("spawn").Pool(cfg.workers, _start_worker, (cfg.env.name, kwargs, spec)) as pool:
             finished = pool.imap_unordered(_collect_one, todo)
@@ -169,8 +255,14 @@ def collect(cfg: DictConfig) -> Path:
     files = [episodes_dir / EPISODE_FILE.format(i) for i in range(cfg.episodes)]
     meta = {"env": {"name": cfg.env.name, "id": envs.IDS[cfg.env.name], "kwargs": kwargs},
             "collection": OmegaConf.to_container(cfg, resolve=True)}
-    write_dataset(root, files, meta)
+    try:
+        write_dataset(root, files, meta)
+    except OSError as err:
+        shutil.rmtree(root / "tensors.partial", ignore_errors=True)
+        raise LeworldError(f"could not write the dataset in {root} ({err.strerror or err}); free space, then run "
+                           "again with resume=true (the episodes are kept)") from None
     shutil.rmtree(episodes_dir)
+    (root / MARKER).unlink()  # meta.json marks the folder from now on
     frames = sum(json.loads((root / "meta.json").read_text())["episode_lengths"])
     print(f"wrote {root}: {cfg.episodes} episodes, {frames} frames")
     return root

@@ -20,6 +20,13 @@ TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale
             *TINY_MODEL]
 
 
+def codec(action_dim=2, frameskip=2, mean=0.0, std=1.0):
+    """An action codec for models built in tests: raw actions in [-1, 1]."""
+    from leworld.data import ActionCodec
+
+    return ActionCodec((mean,) * action_dim, (std,) * action_dim, (-1.0,) * action_dim, (1.0,) * action_dim, frameskip)
+
+
 def run(verb, *args, **kwargs):
     return subprocess.run([sys.executable, "-m", f"leworld.{verb}", *args], capture_output=True, text=True, **kwargs)
 

@@ -1,5 +1,6 @@
 """Collection and datasets: a round trip through the CLI, action alignment, resuming an
-interrupted collection, catching corrupt folders, and the clip sampler."""
+interrupted collection (and only leworld's own, with its settings), catching corrupt folders, full
+disks and unwritable folders, workers that die with their collector, and the clip sampler."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +17,10 @@ import torch
 from tensordict import TensorDict
 
 import envs
-from leworld import LeworldError
-from leworld.data import ClipSampler, EpisodeDataset, dataset_problems
+from leworld import LeworldError, collect as collect_module
+from leworld.collect import collect, unfinished_collection
+from leworld.data import ActionCodec, ClipSampler, EpisodeDataset, dataset_problems
+from leworld.runtime import load_config
 
 
 def collect_cli(*args, **kwargs):
@@ -24,6 +28,12 @@ def collect_cli(*args, **kwargs):
 
 
 SMALL = ["env=pusht", "env.kwargs.image_size=32", "episodes=4", "episode_length=24", "workers=2"]
+TINY = ["env=tworoom", "env.kwargs.image_size=32", "episodes=4", "episode_length=20", "workers=1"]
+
+
+def pusht_codec(ds: EpisodeDataset, frameskip: int) -> ActionCodec:
+    space = envs.make("pusht", image_size=32).action_space
+    return ActionCodec.from_stats(ds.meta["stats"]["action"], space.low, space.high, frameskip)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +61,14 @@ def test_collected_folder_verifies_and_describes_itself(dataset_path):
 def test_clip_actions_move_frame_t_to_frame_t_plus_frameskip(dataset_path):
     """Replaying a clip's first action block from its first state reproduces its second frame."""
     ds = EpisodeDataset.open(dataset_path)
-    sampler = ClipSampler(ds, np.arange(ds.num_episodes), num_frames=3, frameskip=4, seed=1)
-    batch = sampler.sample(6)
+    codec = pusht_codec(ds, frameskip=4)
+    sampler = ClipSampler(ds, np.arange(ds.num_episodes), num_frames=3, codec=codec)
+    batch = sampler.sample(6, sampler.generator(1))
     env = envs.make("pusht", image_size=32)
     for b in range(6):
         for k in range(2):
             env.reset(options={"state": batch["state"][b, k].double().numpy()})
-            raw = ds.denormalise_actions(batch["actions"][b, k].view(4, 2)).double().numpy()
+            raw = codec.to_env(batch["actions"][b, k:k + 1]).astype(np.float64)  # (4, 2)
             for action in raw:
                 frame, _, _, _, info = env.step(action)
             np.testing.assert_allclose(info["state"], batch["state"][b, k + 1].numpy(), atol=1e-2)
@@ -68,7 +79,7 @@ def test_clips_stay_inside_one_episode_and_an_epoch_sees_each_once(dataset_path)
     ds = EpisodeDataset.open(dataset_path)
     train, val = ds.split(0.25, seed=0)
     assert len(train) == 3 and len(val) == 1 and not set(train) & set(val)
-    sampler = ClipSampler(ds, train, num_frames=4, frameskip=5)
+    sampler = ClipSampler(ds, train, num_frames=4, codec=pusht_codec(ds, frameskip=5))
     assert len(sampler) == 3 * (25 - 20)  # start frames t with t + 4·5 − 1 before each episode's last frame
     episode = ds.tensors["episode"]
     frames = sampler.starts[:, None] + sampler.frame_offsets
@@ -79,15 +90,16 @@ def test_clips_stay_inside_one_episode_and_an_epoch_sees_each_once(dataset_path)
     resumed = torch.cat([batch["state"][:, 0] for batch in sampler.epoch(5, seed=0, skip=1)])
     assert torch.equal(resumed, starts[5:])  # picking up mid-epoch gives the rest of the same order
     # the whole set of normalised actions has zero mean and unit spread
-    normalised = ds.normalise_actions(ds.tensors["action"][ds.tensors["step"] < 24])
+    normalised = pusht_codec(ds, frameskip=1).to_blocks(ds.tensors["action"][ds.tensors["step"] < 24])
     torch.testing.assert_close(normalised.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalised.std(0), torch.ones(2), atol=2e-2, rtol=0)
 
 
 def test_in_memory_sampling_matches_the_memory_map(dataset_path):
     ds = EpisodeDataset.open(dataset_path)
-    on_disk = ClipSampler(ds, np.arange(4), 4, 5, seed=3).sample(7)
-    in_memory = ClipSampler(ds.to("cpu"), np.arange(4), 4, 5, seed=3).sample(7)
+    on_disk = ClipSampler(ds, np.arange(4), 4, pusht_codec(ds, 5))
+    in_memory = ClipSampler(ds.to("cpu"), np.arange(4), 4, pusht_codec(ds, 5))
+    on_disk, in_memory = on_disk.sample(7, on_disk.generator(3)), in_memory.sample(7, in_memory.generator(3))
     for key in on_disk:
         assert torch.equal(on_disk[key], in_memory[key])
 
@@ -173,3 +185,153 @@ def test_bad_collection_settings_are_one_line(tmp_path):
     assert done.returncode == 2 and "env=cube; choose one of" in done.stderr
     done = collect_cli("env=pusht", "env.kwargs.image_size=3", f"path={tmp_path / 'x'}")
     assert done.returncode == 2 and "image_size" in done.stderr and not (tmp_path / "x").exists()
+
+
+def collect_here(*overrides):
+    """The collect verb in this process (no interpreter to start): its errors are LeworldErrors."""
+    return collect(load_config("collect", list(overrides)))
+
+
+def test_bad_collection_values_are_refused_before_any_work(tmp_path):
+    path = tmp_path / "x"
+    for value in ["episodes=0", "workers=0", "episode_length=0", "expert_fraction=2", "noise=-1", "episodes=abc",
+                  "seed=-1"]:
+        with pytest.raises(LeworldError, match=f"^{value.split('=')[0]}=.*: it must be") as err:
+            collect_here(*TINY, value, f"path={path}")
+        assert "\n" not in str(err.value)
+    assert not path.exists()
+
+
+def test_only_leworlds_own_unfinished_collection_is_resumed(tmp_path, dataset_path):
+    """A folder that leworld did not start collecting into is the user's: never collected into, never
+    cleaned up, even when it looks like an unfinished collection (an episodes/ folder)."""
+    kept = tmp_path / "kept"
+    (kept / "episodes").mkdir(parents=True)
+    (kept / "episodes" / "ep_000000.npz").write_bytes(b"the user's own file")
+    done = collect_cli(*TINY, f"path={kept}", "resume=true")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+    assert "neither a dataset (meta.json) nor a collection (collection.json)" in done.stderr
+    assert sorted(p.name for p in kept.rglob("*")) == ["ep_000000.npz", "episodes"]
+    assert (kept / "episodes" / "ep_000000.npz").read_bytes() == b"the user's own file"
+    assert "not a leworld dataset" in dataset_problems(kept)[0]
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("notes")
+    with pytest.raises(LeworldError, match="is a file"):
+        collect_here(*TINY, f"path={a_file}", "resume=true")
+    with pytest.raises(LeworldError, match="cannot write in .*a_file/data"):
+        collect_here(*TINY, f"path={a_file / 'data'}")
+    assert a_file.read_text() == "notes"
+
+    (tmp_path / "empty").mkdir()
+    assert not unfinished_collection(tmp_path / "nothing") and not unfinished_collection(tmp_path / "empty")
+    assert not unfinished_collection(dataset_path)  # finished: meta.json, and no marker left in it
+    assert not (dataset_path / "collection.json").exists()
+    with pytest.raises(LeworldError, match="choose another path"):
+        unfinished_collection(kept)
+
+
+def test_a_full_disk_is_refused_in_one_line_and_the_collection_resumes_with_its_own_settings(tmp_path, monkeypatch):
+    path, real = tmp_path / "data", shutil.disk_usage
+    monkeypatch.setattr(collect_module.shutil, "disk_usage", lambda where: real(where)._replace(free=1000))
+    with pytest.raises(LeworldError, match=r"needs \d+\.\d MB but its disk has 0\.0 MB free; free space or choose"):
+        collect_here(*TINY, f"path={path}")
+    assert not path.exists()  # refused before any work
+
+    def filling_up(where):  # the disk fills while the episodes are collected
+        full = (path / "episodes" / "ep_000000.npz").exists()
+        return real(where)._replace(free=1000) if full else real(where)
+    monkeypatch.setattr(collect_module.shutil, "disk_usage", filling_up)
+    with pytest.raises(LeworldError, match="MB free; free space, then run again with resume=true"):
+        collect_here(*TINY, f"path={path}")
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == ["collection.json", "episodes"]  # no half-written tensors
+    assert len(list((path / "episodes").glob("ep_*.npz"))) == 4 and unfinished_collection(path)
+    assert "did not finish" in dataset_problems(path)[0]
+
+    with pytest.raises(LeworldError, match="pass resume=true"):
+        collect_here(*TINY, f"path={path}")
+    with pytest.raises(LeworldError, match=r"other settings: env=tworoom \(this run: reacher\);"):
+        collect_here(*TINY, "env=reacher", f"path={path}", "resume=true")
+    with pytest.raises(LeworldError, match=r"episode_length=20 \(this run: 30\), noise=0.1 \(this run: 0.2\);"):
+        collect_here(*TINY, "episode_length=30", "noise=0.2", f"path={path}", "resume=true")
+    collect_here(*TINY, "workers=2", f"path={path}", "resume=true")  # the number of workers may change
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "tensors"]
+    assert dataset_problems(path, content=True) == []
+    assert EpisodeDataset.open(path).meta["episode_lengths"] == [21] * 4
+
+
+def test_an_episode_that_cannot_be_written_ends_in_one_line(tmp_path):
+    """A worker's write error (here EFBIG: files over 20 kB are refused, as a full disk refuses them)
+    reaches the user as one line, and leaves no half-written file."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    path = tmp_path / "data"
+    done = collect_cli(*TINY, f"path={path}", preexec_fn=limit_file_size)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: could not write") and "ep_0000" in last and "resume=true" in last
+    assert not list((path / "episodes").iterdir())
+
+
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "read_only"
+    path.mkdir()
+    path.chmod(0o500)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("this user writes in read-only folders (root)")
+        with pytest.raises(LeworldError, match="cannot write in .*read_only .*Permission denied"):
+            collect_here(*TINY, f"path={path}")
+    finally:
+        path.chmod(0o700)
+    assert not any(path.iterdir())
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (psutil is not a dependency)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return children
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent on Linux")
+def test_workers_die_with_a_killed_collector_and_a_resumed_run_finishes(tmp_path):
+    path = tmp_path / "data"
+    # enough episodes that workers left running would go on for seconds
+    args = ["env=tworoom", "env.kwargs.image_size=16", "episodes=40", "episode_length=100", "workers=2", f"path={path}"]
+    run = subprocess.Popen([sys.executable, "-m", "leworld.collect", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((path / "episodes").glob("ep_*[0-9].npz")) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = child_pids(run.pid)
+    assert len(workers) >= 2 and run.poll() is None  # still collecting
+    run.kill()  # the collector alone: nothing else kills its workers
+    run.wait()
+    deadline = time.time() + 2
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, workers))
+    kept = len(list((path / "episodes").glob("ep_*[0-9].npz")))
+    time.sleep(0.5)
+    assert kept == len(list((path / "episodes").glob("ep_*[0-9].npz"))) < 40  # nobody collects on
+
+    resumed = collect_cli(*args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert dataset_problems(path, content=True) == [] and EpisodeDataset.open(path).num_episodes == 40

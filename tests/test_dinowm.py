@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RUN, run
+from conftest import TINY_RUN, codec, run
 from safetensors.torch import save_file
 
 from leworld import LeworldError
@@ -80,7 +80,7 @@ def test_dinov2_weights_reproduce_the_reference_forward(tmp_path, suffix):
     loaded, config = read_vit_weights(path)
     assert config == {"name": "vit", "image_size": 518, "patch_size": 14, "dim": 384, "depth": 12, "heads": 6,
                       "mlp_ratio": 4.0, "layer_scale": 1.0, "registers": 4}
-    model = DinoWorldModel(tiny_model_cfg(**config), action_dim=2)
+    model = DinoWorldModel(tiny_model_cfg(**config), codec())
     model.encoder.load_state_dict(loaded)
     pixels = torch.randint(0, 256, (2, 1, 3, 56, 56), dtype=torch.uint8)
     tokens = model.encode(pixels)  # (2, 1, 16, 384)
@@ -115,7 +115,7 @@ def test_bad_weight_files(tmp_path):
 
 
 def test_predictor_is_frame_causal():
-    model = DinoWorldModel(tiny_model_cfg(name="vit", image_size=56, patch_size=14, dim=32, depth=1, heads=2), 2).eval()
+    model = DinoWorldModel(tiny_model_cfg(name="vit", image_size=56, patch_size=14, dim=32, depth=1, heads=2), codec()).eval()
     tokens, actions = torch.randn(2, 3, 16, 32), torch.randn(2, 3, 4)
     out = model.predict(tokens, actions)
     changed = tokens.clone()
@@ -167,7 +167,7 @@ def test_encoder_from_a_leworld_pretraining_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     state, config = read_vit_weights(run_dir)
     assert config["dim"] == 32 and config["patch_size"] == 8 and config["heads"] == 2
-    model = DinoWorldModel(tiny_model_cfg(**config) | {"image_size": 32}, action_dim=2)
+    model = DinoWorldModel(tiny_model_cfg(**config) | {"image_size": 32}, codec())
     model.encoder.load_state_dict(state)
     pixels = torch.randint(0, 256, (1, 1, 3, 32, 32), dtype=torch.uint8)
     expected = load_encoder(run_dir).forward_tokens(normalize(to_float(pixels[:, 0])))[:, 1:]
@@ -183,14 +183,14 @@ def test_encoder_from_a_leworld_pretraining_run(tmp_path):
 
 def test_proprioception_rides_on_every_patch():
     cfg = tiny_model_cfg(name="vit", image_size=56, patch_size=14, dim=32, depth=1, heads=2)
-    model = DinoWorldModel(cfg | {"proprio": {"use": True, "weight": 0.5, "dim": 3}}, 2).eval()
+    model = DinoWorldModel(cfg | {"proprio": {"use": True, "weight": 0.5, "dim": 3}}, codec()).eval()
     model.proprio_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
     model.proprio_std.copy_(torch.tensor([2.0, 2.0, 2.0]))
     pixels = torch.randint(0, 256, (2, 1, 3, 56, 56), dtype=torch.uint8)
     tokens = model.encode(pixels, torch.tensor([[[3.0, 2.0, 1.0]], [[1.0, 2.0, 3.0]]]))  # (2, 1, 16, 32 + 3)
     assert tokens.shape == (2, 1, 16, 35)
     assert torch.equal(tokens[0, 0, :, 32:], torch.tensor([1.0, 0.0, -1.0]).expand(16, 3))  # normalised, on every patch
-    pixels_only = DinoWorldModel(cfg, 2).eval()
+    pixels_only = DinoWorldModel(cfg, codec()).eval()
     pixels_only.encoder.load_state_dict(model.encoder.state_dict())
     assert torch.equal(tokens[..., :32], pixels_only.encode(pixels))  # the visual part is the encoder's tokens
     moved = tokens.clone()

@@ -8,6 +8,7 @@ import torch
 
 from leworld import LeworldError
 from leworld.models.lewm import LeWorldModel
+from conftest import codec
 
 TINY = {
     "image_size": 32, "history": 3, "frameskip": 2, "latent_dim": 16,
@@ -21,7 +22,7 @@ TINY = {
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return LeWorldModel(TINY, action_dim=2).eval()
+    return LeWorldModel(TINY, codec()).eval()
 
 
 def perturb_modulation(model):
@@ -67,7 +68,7 @@ def test_rollout_feeds_predictions_back(model):
     perturb_modulation(model)
     context, past = torch.randn(3, 2, 16), torch.randn(3, 1, 4)
     plan = torch.randn(3, 4, 4)
-    imagined = model.rollout(context, plan, context_actions=past)
+    imagined = model.rollout(context, plan, context_chunks=past)
     assert imagined.shape == (3, 4, 16)
     # by hand: one causal pass at a time over the last `history` frames, real then imagined
     latents, steps = context, torch.cat([past, plan], 1)
@@ -77,7 +78,7 @@ def test_rollout_feeds_predictions_back(model):
         nxt = model.predict(latents[:, window], steps[:, window])[:, -1:]
         torch.testing.assert_close(imagined[:, h:h + 1], nxt)
         latents = torch.cat([latents, nxt], 1)
-    with pytest.raises(LeworldError, match="needs the actions"):
+    with pytest.raises(LeworldError, match="needs the action chunks"):
         model.rollout(context, plan)
 
 
@@ -95,7 +96,7 @@ def test_plan_cost_is_the_distance_of_the_last_imagined_latent_to_the_goal(model
 
 def test_frozen_encoder_stays_frozen():
     cfg = {**TINY, "encoder": {**TINY["encoder"], "freeze": True}}
-    model = LeWorldModel(cfg, action_dim=2).train()
+    model = LeWorldModel(cfg, codec()).train()
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not model.backbone.training and model.predictor.training
     assert all(p.requires_grad for p in model.projector.parameters())
@@ -104,8 +105,11 @@ def test_frozen_encoder_stays_frozen():
 def test_from_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     from leworld.checkpoint import save_checkpoint
 
+    from leworld.models import DataRecord, EnvSpec, record
+
+    model.env, model.data = EnvSpec("pusht", {"image_size": 32}), DataRecord("data", 10, "abc", (1, 2))
     save_checkpoint(tmp_path / "checkpoint.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()},
-                    {"model": TINY}, kind="world_model", action_dim=2)
+                    {"model": TINY}, kind="world_model", **record(model))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint load tried to unpickle")
@@ -116,6 +120,7 @@ def test_from_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     loaded = LeWorldModel.from_checkpoint(tmp_path)
     pixels = torch.randint(0, 255, (2, 1, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(loaded.encode(pixels), model.encode(pixels))
+    assert loaded.codec == model.codec and loaded.env == model.env and loaded.data == model.data
     save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {}, kind="pretrain")
     with pytest.raises(LeworldError, match="not a world model"):
         LeWorldModel.from_checkpoint(tmp_path / "other.safetensors")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import envs
+from leworld.data import ActionCodec
 from envs import tworoom
 from planners import CEM, MPPI, PLANNERS, Bounds, GradientPlanner, RandomActions
 from planners.mpc import run_mpc, shift
@@ -83,22 +84,22 @@ class SimulatorObjective:
     """Cost of a plan = distance between the goal and the state it reaches in a copy of the real
     environment (physics only, no rendering): no learning involved."""
 
-    def __init__(self, env_name, goals, distance, frameskip):
+    def __init__(self, env_name, goals, distance, codec):
         self.sim = envs.make(env_name, image_size=16)
-        self.goals, self.distance, self.frameskip = goals, distance, frameskip
+        self.goals, self.distance, self.codec = goals, distance, codec
 
-    def cost_fn(self, observed, blocks, index):
+    def cost_fn(self, observed, chunks, index):
         starts = observed["state"][:, -1]  # (b, S)
 
-        def cost(plans):  # (b, S, H, fs·A) raw actions
-            b, s, h, _ = plans.shape
-            raw = plans.reshape(b, s, h * self.frameskip, -1).numpy()
+        def cost(plans):  # (b, S, H, fs·A) chunks of the codec
+            raw = self.codec.to_env(plans)  # (b, S, H·fs, A), what run_mpc will execute
+            b, s = raw.shape[:2]
             costs = np.zeros((b, s))
             for row in range(b):
                 for sample in range(s):
                     self.sim.set_state(starts[row])
                     for action in raw[row, sample]:
-                        self.sim.apply_action(np.clip(action, -1, 1))
+                        self.sim.apply_action(action)
                         mujoco.mj_step(self.sim.model, self.sim.data, nstep=self.sim.physics_steps)
                     costs[row, sample] = self.distance(self.sim.get_state(), self.goals[index[row]])
             return torch.as_tensor(costs)
@@ -129,16 +130,18 @@ def test_mpc_with_the_simulator_solves_easy_instances(env_name):
         goals.append(goal)
     distance = (lambda s, g: np.linalg.norm(s[:2] - g[:2])) if env_name == "tworoom" else \
         (lambda s, g: np.abs(envs.base.wrap_angle(s[:2] - g[:2])).max() + 0.1 * np.abs(s[2:]).sum())
-    objective = SimulatorObjective(env_name, np.stack(goals), distance, frameskip)
-    bounds = Bounds(torch.full((frameskip * action_dim,), -1.0), torch.full((frameskip * action_dim,), 1.0))
-    planner = CEM(frameskip * action_dim, samples=24, elites=6, iterations=4, std=0.7, bounds=bounds, seed=0)
-    to_env = lambda blocks: blocks.reshape(len(blocks), -1, action_dim).numpy()  # noqa: E731
+    # eval's action mapping, with statistics that make normalised and raw actions differ
+    codec = ActionCodec((0.2, -0.1), (0.5, 0.6), (-1.0, -1.0), (1.0, 1.0), frameskip)
+    objective = SimulatorObjective(env_name, np.stack(goals), distance, codec)
+    bounds = Bounds(*codec.bounds())
+    planner = CEM(codec.block_dim, samples=24, elites=6, iterations=4, std=1.2, bounds=bounds, seed=0)
+    to_env = codec.to_env
     result = run_mpc(batch, objective, planner, to_env, horizon=3, receding_horizon=1, budget=40,
                      frameskip=frameskip, history=1, record=True)
     assert result.success.all(), (result.final_state, goals)
     for env, start, goal in zip(batch, starts, goals):
         env.reset(options={"state": start, "goal": goal})
-    floor = run_mpc(batch, objective, RandomActions(frameskip * action_dim, bounds, seed=0), to_env, horizon=3,
+    floor = run_mpc(batch, objective, RandomActions(codec.block_dim, bounds, seed=0), to_env, horizon=3,
                     receding_horizon=1, budget=40, frameskip=frameskip, history=1)
     assert floor.steps.sum() > result.steps.sum() and not floor.success.all()  # the instances are not trivial
     assert (result.steps < 40).all() and len(result.solve_seconds) >= 2
@@ -151,8 +154,8 @@ def test_mpc_without_success_uses_the_whole_budget():
     env = envs.make("tworoom", image_size=16)
     start = env.sample_state(np.random.default_rng(3))
     env.reset(options={"state": start, "goal": start + np.array([500.0, 0, 0, 0])})  # unreachable
-    bounds = Bounds(torch.full((4,), -1.0), torch.full((4,), 1.0))
-    result = run_mpc([env], SimulatorObjective("tworoom", start[None], lambda s, g: 0.0, 2),
-                     RandomActions(4, bounds, seed=0), lambda b: b.reshape(len(b), -1, 2).numpy(),
+    codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), 2)
+    result = run_mpc([env], SimulatorObjective("tworoom", start[None], lambda s, g: 0.0, codec),
+                     RandomActions(4, Bounds(*codec.bounds()), seed=0), codec.to_env,
                      horizon=2, receding_horizon=2, budget=9, frameskip=2, history=3)
     assert not result.success[0] and result.steps[0] == 9 and len(result.solve_seconds) == 3

@@ -129,7 +129,8 @@ def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, plann
         for i, row in enumerate(batch_rows):
             results.append({"episode": first + i, "seed": seed, "dataset_row": int(row),
                             "success": bool(result.success[i]), "steps": int(result.steps[i]),
-                            "final_distance": batch[i].distance(result.final_state[i], goals[i])})
+                            "final_distance": batch[i].distance(result.final_state[i], goals[i]),
+                            "final_state": result.final_state[i].tolist()})
         solve_seconds += result.solve_seconds
         frames += result.frames
     return results, solve_seconds, frames[:record]

@@ -32,7 +32,12 @@ CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
 
 
 def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
-    """Compose configs/<name>.yaml with hydra overrides (key=value, group=option, +new=value)."""
+    """Compose configs/<name>.yaml with hydra overrides (key=value, group=option). Every key a
+    verb reads is in its config, so adding keys (+key=value) is refused: such a key would be ignored."""
+    added = [o for o in overrides if o.startswith("+")]
+    if added:
+        raise LeworldError(f"{added[0]}: leworld's configs take no new keys (one that is not in the config would be "
+                           f"ignored); python -m leworld.{name} --help lists every key")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -44,8 +49,9 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
             raise LeworldError(f"there is no {group}={choice}; choose one of: {options}") from None
         raise LeworldError(f"no config named {name!r} in {CONFIG_DIR}") from None
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
-        raise LeworldError("bad override: " + "; ".join(lines)) from None
+        lines = [line.strip() for line in str(err).splitlines()
+                 if line.strip() and not line.startswith(("See https", "To append to your config"))]
+        raise LeworldError("bad override: " + "; ".join(lines) + f"; python -m leworld.{name} --help lists every key") from None
     OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
     return cfg
 
@@ -96,7 +102,7 @@ def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[s
 
 
 def print_help(config_name: str, cfg: DictConfig) -> None:
-    print(f"usage: python -m leworld.{config_name} [key=value | group=option | +key=value ...]\n")
+    print(f"usage: python -m leworld.{config_name} [key=value | group=option ...]\n")
     for group in sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name in cfg):
         options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
         print(f"  {group}=  {' | '.join(options)}")

@@ -41,7 +41,7 @@ from leworld.runtime import (Processes, RunLog, autocast, check_values, load_con
 RULES = {"train.epochs": (float, 1e-9, None), "train.batch_size": (int, 1, None), "train.lr": (float, 0, None),
          "train.weight_decay": (float, 0, None), "train.warmup": (float, 0, 1), "train.final_lr_ratio": (float, 0, 1),
          "train.log_every": (int, 1, None), "train.val_every": (int, 1, None), "train.val_batches": (int, 1, None),
-         "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 1e-9, 0.99),
+         "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 0, 0.99),
          "seed": (int, 0, None), **PROBE_RULES}
 
 
@@ -86,6 +86,9 @@ def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def check_config(cfg: DictConfig) -> None:
+    if cfg.data.val_fraction == 0:
+        raise LeworldError("data.val_fraction=0 holds no episode out, but validation, probes and planning tasks need "
+                           "episodes the model never trained on; use e.g. data.val_fraction=0.1")
     check_values(cfg, RULES)
     check_protocol(cfg)
 

@@ -1,17 +1,34 @@
 """python -m leworld.eval end to end on a tiny trained world model, and its errors."""
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 import torch
 from conftest import run
+from omegaconf import OmegaConf
 
-from leworld.data import EpisodeDataset
-from leworld.eval import LatentObjective, sample_tasks
+import envs
+from leworld.data import ActionCodec, EpisodeDataset
+from leworld.eval import LatentObjective, evaluate, sample_tasks
+from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
 
 SMALL = ["planner.samples=32", "planner.elites=4", "planner.iterations=2", "protocol.episodes=5", "protocol.batch=3",
          "protocol.goal_offset=10", "protocol.budget=12", "protocol.horizon=3", "protocol.receding_horizon=2"]
+
+
+def check_episodes(rows, dataset, budget=12, offset=10):
+    """Every row agrees with the simulator: the state where stepping stopped meets the goal exactly
+    when the row says success (latched: stepping stops there), and a failure used the whole budget."""
+    env = envs.make("tworoom", image_size=32)
+    for r in rows:
+        goal = dataset.tensors["state"][r["dataset_row"] + offset].double().numpy()
+        final = np.asarray(r["final_state"])
+        assert env.success(final, goal) == r["success"]
+        assert r["final_distance"] == pytest.approx(env.distance(final, goal))
+        assert r["steps"] == budget if not r["success"] else 1 <= r["steps"] <= budget
 
 
 def test_eval_runs_end_to_end_and_writes_its_files(trained, tmp_path):
@@ -21,48 +38,84 @@ def test_eval_runs_end_to_end_and_writes_its_files(trained, tmp_path):
     assert "success" in done.stdout and "random actions: success" in done.stdout
     report = json.loads((out / "eval.json").read_text())
     assert report["settings"]["protocol"]["budget"] == 12 and report["settings"]["planner"]["name"] == "cem"
+    model = load_world_model(trained[0])
+    assert ActionCodec.from_dict(report["settings"]["action_codec"]) == model.codec
+    dataset = open_dataset(model)
     for name in ("planner", "random"):
         rows = report["episodes"][name]
         assert len(rows) == 5
-        assert {"dataset_row", "success", "steps", "final_distance"} <= set(rows[0])
-        assert all(1 <= r["steps"] <= 12 and (r["success"] or r["steps"] == 12) for r in rows)
-    assert report["summary"]["planner"]["solves"] >= 2 * 2  # two batches, budget 12 > 2 blocks of 2 steps
+        check_episodes(rows, dataset)
+        episode = np.searchsorted(dataset.episode_starts, [r["dataset_row"] for r in rows], side="right") - 1
+        assert np.isin(episode, model.data.held_out).all()  # tasks from the held-out episodes only
+    assert report["summary"]["planner"]["solves"] >= 2 * 2  # two batches, budget 12 > 2 chunks of 2 steps
     assert [r["dataset_row"] for r in report["episodes"]["planner"]] == [r["dataset_row"] for r in report["episodes"]["random"]]
     assert sorted(p.name for p in out.glob("*.gif")) == ["episode_0.gif", "episode_1.gif"]
 
 
 def test_every_planner_runs(trained, tmp_path):
+    dataset = open_dataset(load_world_model(trained[0]))
     for planner in ("mppi", "gradient"):
         extra = ["planner.samples=32", "planner.elites=4", "planner.iterations=2"] if planner == "mppi" else \
             ["planner.restarts=2", "planner.steps=3"]
         done = run("eval", f"ckpt={trained[0]}", f"planner={planner}", *extra, *SMALL[3:], "protocol.random_baseline=false",
                    "protocol.videos=0", f"out_dir={tmp_path / planner}")
         assert done.returncode == 0, done.stderr[-3000:]
-        assert len(json.loads((tmp_path / planner / "eval.json").read_text())["episodes"]["planner"]) == 5
+        report = json.loads((tmp_path / planner / "eval.json").read_text())
+        assert report["settings"]["planner"]["name"] == planner and "random" not in report["summary"]
+        check_episodes(report["episodes"]["planner"], dataset)
+        # a batch is planned for again after every 2 executed chunks of 2 steps while any of it is unsolved
+        steps = [r["steps"] for r in report["episodes"]["planner"]]
+        assert report["summary"]["planner"]["solves"] == sum(-(-max(steps[i:i + 3]) // 4) for i in (0, 3))
+
+
+def test_plans_are_searched_in_the_models_own_action_space(trained, tmp_path):
+    """A dataset with other action statistics (re-collected, or another one passed as data_path)
+    must not change what the planner does: the codec comes from the checkpoint."""
+    model = load_world_model(trained[0])
+    dataset = open_dataset(model)
+    other = tmp_path / "other"
+    shutil.copytree(dataset.path, other)
+    meta = json.loads((other / "meta.json").read_text())
+    stats = meta["stats"]["action"]
+    stats["mean"] = [m + 0.5 for m in stats["mean"]]
+    stats["std"] = [3 * s for s in stats["std"]]
+    (other / "meta.json").write_text(json.dumps(meta))
+    other_dataset = EpisodeDataset.open(other)
+    assert other_dataset.fingerprint() != dataset.fingerprint()
+    rows = sample_tasks(dataset, np.asarray(model.data.held_out), 4, 10, seed=1)
+    planner = OmegaConf.create({"name": "cem", "samples": 16, "elites": 4, "iterations": 2, "std": 1.0})
+    protocol = OmegaConf.create({"batch": 4, "goal_offset": 10, "budget": 8, "horizon": 2, "receding_horizon": None})
+    here, _, _ = evaluate(model, dataset, rows, planner, protocol, 0, torch.device("cpu"))
+    there, _, _ = evaluate(model, other_dataset, rows, planner, protocol, 0, torch.device("cpu"))
+    assert [r["final_state"] for r in here] == [r["final_state"] for r in there]
+    done = run("eval", f"ckpt={trained[0]}", f"data_path={other}", *SMALL, f"out_dir={tmp_path / 'x'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "another dataset than the model's" in done.stdout
 
 
 def test_latent_objective_encodes_context_and_goal_once_per_solve(trained):
     model = LeWorldModel.from_checkpoint(trained[0])
-    dataset = EpisodeDataset.open(model.train_config["data"]["path"])
+    dataset = open_dataset(model)
     calls = []
     model.backbone.register_forward_hook(lambda *_: calls.append(1))
     pixels = dataset.tensors["pixels"][:8].numpy()
     objective = LatentObjective(model, pixels[:2], torch.device("cpu"))
-    blocks = torch.zeros(2, 2, 4)
-    cost = objective.cost_fn({"pixels": np.stack([pixels[:3], pixels[3:6]])}, blocks, np.array([0, 1]))
+    chunks = torch.zeros(2, 2, 4)
+    cost = objective.cost_fn({"pixels": np.stack([pixels[:3], pixels[3:6]])}, chunks, np.array([0, 1]))
     for _ in range(5):
         costs = cost(torch.randn(2, 7, 3, 4))
     assert costs.shape == (2, 7) and len(calls) == 2  # goal once, context once, none per cost call
     # the cost is the distance of the imagined final latent to the goal latent
     goal, context = objective.goals, objective.encode(np.stack([pixels[:3], pixels[3:6]]))
     plans = torch.randn(2, 1, 3, 4)
-    final = model.rollout(context, plans[:, 0], blocks)[:, -1]
+    final = model.rollout(context, plans[:, 0], chunks)[:, -1]
     assert torch.allclose(cost(plans)[:, 0], (final - goal).square().sum(-1), rtol=1e-4)
 
 
 def test_tasks_stay_inside_held_out_episodes(trained):
-    dataset = EpisodeDataset.open(LeWorldModel.from_checkpoint(trained[0]).train_config["data"]["path"])
-    _, held_out = dataset.split(0.1, 0)
+    model = load_world_model(trained[0])
+    dataset = open_dataset(model)
+    held_out = np.asarray(model.data.held_out)
     rows = sample_tasks(dataset, held_out, 200, 10, seed=3)
     episode = np.searchsorted(dataset.episode_starts, rows, side="right") - 1
     assert np.isin(episode, held_out).all()
@@ -83,3 +136,7 @@ def test_bad_input(trained, tmp_path):
     assert "truncated or corrupt" in one_line_error(run("eval", f"ckpt={broken}"))
     assert "there is no planner=newton" in one_line_error(run("eval", f"ckpt={trained[0]}", "planner=newton"))
     assert "elites" in one_line_error(run("eval", f"ckpt={trained[0]}", "planner.elites=1000", f"out_dir={tmp_path / 'x'}"))
+    assert "protocol.episodes=0" in one_line_error(run("eval", f"ckpt={trained[0]}", "protocol.episodes=0"))
+    (tmp_path / "file").write_text("x")  # an out_dir that cannot be made fails before any planning
+    assert "cannot create out_dir" in one_line_error(run("eval", f"ckpt={trained[0]}", f"out_dir={tmp_path / 'file' / 'e'}"))
+    assert not (tmp_path / "x").exists()

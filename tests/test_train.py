@@ -1,19 +1,26 @@
 """python -m leworld.train and python -m leworld.probe on a tiny dataset: training learns, a killed
-run resumes to the same weights, torchrun works, the encoder can start from image pretraining,
-and bad input is one clear line."""
+run resumes to the same weights in the folder it is given, torchrun ranks split one global batch,
+the encoder can start from image pretraining, and bad input is one clear line, found before
+training, with nothing lost."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from leworld.checkpoint import load_checkpoint, select
+from leworld.checkpoint import load_checkpoint, save_checkpoint, select
+from leworld.data import ClipSampler
+from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
+from leworld.runtime import run_main
+from leworld.train import held_out_batches, recalibrate_batchnorm, train, validate
 from conftest import TINY_RUN, run
 
 
@@ -29,10 +36,21 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert "linear probe from latents to the state" in stdout
     assert "random actions: success" in stdout  # then it planned
     assert len(json.loads((run_dir / "eval" / "eval.json").read_text())["episodes"]["planner"]) == 3
+
+
+def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):
+    run_dir, _ = trained
     model = LeWorldModel.from_checkpoint(run_dir)
     assert model.history == 3 and model.frameskip == 2 and not model.training
+    dataset = open_dataset(model)
+    assert model.env.name == "tworoom" and model.env.image_size == 32
+    assert model.data.path == str(data_path) and model.data.fingerprint == dataset.fingerprint()
+    assert model.data.held_out == tuple(dataset.split(0.1, 0)[1])  # train.yaml's split of this seed
+    assert model.codec.mean == tuple(dataset.meta["stats"]["action"]["mean"]) and model.codec.frameskip == 2
+    assert model.codec.low == (-1.0, -1.0) and model.codec.high == (1.0, 1.0)  # the env's bounds
     ckpt = load_checkpoint(run_dir)
-    assert ckpt.info["kind"] == "world_model" and ckpt.info["step"] == rows[-1]["step"]
+    assert ckpt.info["kind"] == "world_model" and ckpt.info["step"] == ckpt.info["total_steps"]
+    assert ckpt.config["run_dir"] == str(run_dir)
 
 
 def test_probe_command_on_a_checkpoint(trained):
@@ -43,18 +61,31 @@ def test_probe_command_on_a_checkpoint(trained):
     assert len(json.loads((run_dir / "probe.json").read_text())["rollout"]["model"]) == 2
 
 
-def test_a_killed_run_resumes_to_the_same_weights(data_path, tmp_path, trained):
-    args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
-    whole = tmp_path / "whole"
-    assert run("train", *args, f"run_dir={whole}").returncode == 0
+def test_validation_batches_differ_and_validate_averages_them(trained):
+    model = load_world_model(trained[0])
+    dataset = open_dataset(model)
+    clips = ClipSampler(dataset, np.asarray(model.data.held_out), 4, model.codec)
+    batches = held_out_batches(clips, 3, 8, seed=0)
+    assert not torch.equal(batches[0]["pixels"], batches[1]["pixels"])
+    assert not torch.equal(batches[1]["actions"], batches[2]["actions"])
+    again = held_out_batches(clips, 3, 8, seed=0)  # the same ones at every validation
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(batches, again))
+    scores = validate(model, batches, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        expected = np.mean([float(model.loss(b)["pred"]) for b in batches])
+    assert scores["val_pred"] == pytest.approx(expected, rel=1e-5)
+    assert set(scores) == {"val_loss", "val_pred", "val_sigreg"}
 
-    killed = tmp_path / "killed"
-    job = subprocess.Popen([sys.executable, "-m", "leworld.train", *args, f"run_dir={killed}"],
+
+def kill_at_step(args, run_dir, step):
+    """Start a training run and SIGKILL it once its checkpoint has reached `step`."""
+    job = subprocess.Popen([sys.executable, "-m", "leworld.train", *args, f"run_dir={run_dir}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and job.poll() is None:
         try:
-            if load_checkpoint(killed).info["step"] >= 6:
+            if load_checkpoint(run_dir).info["step"] >= step:
                 break
         except Exception:  # not written yet
             pass
@@ -62,31 +93,85 @@ def test_a_killed_run_resumes_to_the_same_weights(data_path, tmp_path, trained):
     assert job.poll() is None, "the run finished before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    stopped_at = load_checkpoint(killed).info["step"]
+    return load_checkpoint(run_dir).info["step"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data_path, tmp_path, trained):
+    args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
+    whole = tmp_path / "whole"
+    assert run("train", *args, f"run_dir={whole}").returncode == 0
+    killed = tmp_path / "killed"
+    stopped_at = kill_at_step(args, killed, 6)
     final_step = load_checkpoint(whole).info["step"]
     assert stopped_at < final_step
 
-    done = run("train", "resume=true", f"run_dir={killed}")
+    moved = tmp_path / "moved"  # a copy resumes in its own folder; the original is not touched
+    shutil.copytree(killed, moved)
+    original = (killed / "checkpoint.safetensors").read_bytes()
+    done = run("train", "resume=true", f"run_dir={moved}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming at step {stopped_at}" in done.stdout
-    a, b = load_checkpoint(whole), load_checkpoint(killed)
-    assert b.info["step"] == final_step
+    assert (killed / "checkpoint.safetensors").read_bytes() == original
+    a, b = load_checkpoint(whole), load_checkpoint(moved)
+    assert b.info["step"] == final_step and b.config["run_dir"] == str(moved)
     for name in a.tensors:
         if name.startswith(("model.", "optimizer.")):
             assert torch.equal(a.tensors[name], b.tensors[name]), name
+    steps = [json.loads(line)["step"] for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no row repeated by the resume
+    whole_steps = [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert steps == whole_steps
+
+    assert "is complete" in one_line_error(run("train", "resume=true", f"run_dir={moved}"))
+    assert "drop train.lr" in one_line_error(run("train", "resume=true", f"run_dir={killed}", "train.lr=0.1"))
 
 
-def test_torchrun_with_two_processes(data_path, tmp_path, trained):
-    run_dir = tmp_path / "ddp"
+def test_resume_refuses_another_dataset(data_path, tmp_path, trained):
+    data = tmp_path / "data"
+    shutil.copytree(data_path, data)
+    args = [*TINY_RUN, f"data.path={data}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
+    killed = tmp_path / "killed"
+    kill_at_step(args, killed, 3)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(meta | {"created": "another day"}))  # collected again
+    assert "is not the dataset the run trained on" in one_line_error(run("train", "resume=true", f"run_dir={killed}"))
+    shutil.rmtree(data)
+    assert "which is gone" in one_line_error(run("train", "resume=true", f"run_dir={killed}"))
+    assert not data.exists()  # nothing was collected in its place
+
+
+def test_a_run_without_run_dir_records_its_folder_and_resumes(data_path, tmp_path, trained):
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=0.2", "probe_after_training=false",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs" / "train").iterdir()
+    assert load_checkpoint(run_dir).config["run_dir"] == str(run_dir.relative_to(tmp_path))
+    assert "is complete" in one_line_error(run("train", "resume=true", f"run_dir={run_dir}"))
+
+
+def test_torchrun_ranks_split_one_global_batch_and_match_one_process(data_path, tmp_path, trained):
+    """Two processes of 8 clips train exactly as one process of 16 (the same global batches): no
+    BatchNorm (whose statistics are per process on a CPU) and no dropout, so only the arithmetic differs."""
+    exact = ["model.encoder.projector.hidden=[]", "model.predictor.projector.hidden=[]", "model.predictor.dropout=0",
+             f"data.path={data_path}", "train.epochs=0.3", "probe_after_training=false"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "leworld.train", *TINY_RUN, f"data.path={data_path}", "train.epochs=1",
-                           "train.batch_size=16", f"run_dir={run_dir}", "probe_after_training=false"],
+                           "-m", "leworld.train", *TINY_RUN, *exact, "train.batch_size=8", f"run_dir={ddp}"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert " x 2;" in (run_dir / "console.log").read_text()
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))  # one writer
-    assert LeWorldModel.from_checkpoint(run_dir).action_dim == 2
+    assert " x 2;" in (ddp / "console.log").read_text()
+    assert run("train", *TINY_RUN, *exact, "train.batch_size=16", f"run_dir={single}").returncode == 0
+    a, b = load_checkpoint(ddp), load_checkpoint(single)
+    assert a.info["step"] == b.info["step"] >= 3
+    for name, tensor in select(a.tensors, "model").items():
+        torch.testing.assert_close(tensor, b.tensors[f"model.{name}"], atol=2e-5, rtol=1e-4, msg=name)
+
+    dataset = open_dataset(load_world_model(ddp))
+    clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, load_world_model(ddp).codec)
+    rank0, rank1 = (next(clips.epoch(8, seed=5, shard=(r, 2))) for r in range(2))
+    both = next(clips.epoch(16, seed=5))
+    assert not torch.equal(rank0["pixels"], rank1["pixels"])  # each rank its own clips ...
+    assert torch.equal(torch.cat([rank0["pixels"], rank1["pixels"]]), both["pixels"])  # ... of one global batch
 
 
 def test_encoder_from_image_pretraining(data_path, tmp_path, trained):
@@ -106,6 +191,7 @@ def test_encoder_from_image_pretraining(data_path, tmp_path, trained):
         trained_backbone = select(load_checkpoint(run_dir).tensors, "model.backbone")
         same = all(torch.equal(trained_backbone[k], v) for k, v in backbone.items() if not k.endswith("num_batches_tracked"))
         assert same == (freeze == "true")
+        assert load_checkpoint(run_dir).config["model"]["encoder"]["backbone"]["name"] == "convnet"
 
 
 def one_line_error(done) -> str:
@@ -113,30 +199,122 @@ def one_line_error(done) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_bad_input(data_path, tmp_path, trained):
-    assert "holds tworoom data, not pusht" in one_line_error(
-        run("train", *TINY_RUN, "env=pusht", f"data.path={data_path}", f"run_dir={tmp_path / 'a'}"))
-    assert "resume=true needs run_dir" in one_line_error(run("train", "resume=true"))
-    assert "does not exist" in one_line_error(run("train", "resume=true", f"run_dir={tmp_path / 'none'}"))
-    assert "not an image pretraining one" in one_line_error(
-        run("train", *TINY_RUN, f"data.path={data_path}", f"model.encoder.init={trained[0]}", f"run_dir={tmp_path / 'b'}"))
-    assert "there is no model=huge" in one_line_error(run("train", "model=huge"))
+def train_error(capsys, *args) -> str:
+    """The one error line of leworld.train run in this process (quicker than a new interpreter)."""
+    with pytest.raises(SystemExit) as stop:
+        run_main("train", train, list(args))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines)
+    return lines[-1]
+
+
+def test_bad_settings_are_one_line_before_training(data_path, tmp_path, trained, capsys):
+    ok = [*TINY_RUN, f"data.path={data_path}"]
+    bad = {"train.epochs=abc": "train.epochs='abc'", "train.batch_size=0": "train.batch_size=0",
+           "train.batch_size=-4": "train.batch_size=-4", "train.epochs=-1": "train.epochs=-1",
+           "protocol.batch=0": "protocol.batch=0", "protocol.episodes=0": "protocol.episodes=0",
+           "probe.frames=0": "probe.frames=0", "data.val_fraction=0": "need episodes the model never trained on",
+           "protocol.receding_horizon=9": "protocol.receding_horizon=9", "+train.epchs=2": "take no new keys",
+           "train.epchs=2": "--help lists every key", "model=huge": "there is no model=huge",
+           "planner.elites=1000": "elites", "probe.horizon=60": "no episode of",
+           "protocol.goal_offset=60": "protocol.goal_offset=60"}
+    for override, message in bad.items():
+        run_dir = tmp_path / "never"
+        line = train_error(capsys, *ok, "plan_after_training=true", override, f"run_dir={run_dir}")
+        assert message in line, (override, line)
+        assert not run_dir.exists(), override
+    assert "holds tworoom data, not pusht" in train_error(capsys, *ok, "env=pusht", f"run_dir={tmp_path / 'a'}")
+    assert "holds 32-px frames" in train_error(capsys, *ok, "env.kwargs.image_size=48", f"run_dir={tmp_path / 'a'}")
+    assert "not an image pretraining one" in train_error(capsys, *ok, f"model.encoder.init={trained[0]}",
+                                                         f"run_dir={tmp_path / 'b'}")
+    assert "resume=true needs run_dir" in train_error(capsys, "resume=true")
+    assert "does not exist" in train_error(capsys, "resume=true", f"run_dir={tmp_path / 'none'}")
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in train_error(capsys, *ok, f"run_dir={tmp_path / 'file'}")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_batchnorm_statistics_are_recalibrated_to_the_current_weights(trained):
-    from leworld.data import ClipSampler, EpisodeDataset
-    from leworld.train import recalibrate_batchnorm
+def test_a_user_folder_at_data_path_is_never_touched(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "episodes").mkdir(parents=True)
+    (folder / "episodes" / "notes.txt").write_text("keep me")
+    line = train_error(capsys, *TINY_RUN, f"data.path={folder}", f"run_dir={tmp_path / 'run'}")
+    assert str(folder) in line
+    assert (folder / "episodes" / "notes.txt").read_text() == "keep me"
 
+
+def test_faults_before_and_during_training(data_path, tmp_path, trained):
+    env = os.environ | {"MUJOCO_GL": "nonsense"}  # a machine that cannot render: found before training
+    done = run("train", *TINY_RUN, f"data.path={data_path}", f"run_dir={tmp_path / 'gl'}", env=env)
+    assert "MUJOCO_GL=nonsense" in one_line_error(done) and not (tmp_path / "gl").exists()
+    # a loss that diverges before the first checkpoint leaves no run folder behind, so it can be reused
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.lr=1e30", "train.log_every=1",
+               f"run_dir={tmp_path / 'nan'}")
+    assert "lower train.lr" in one_line_error(done) and not (tmp_path / "nan").exists()
+
+
+def test_an_interrupted_run_names_its_checkpoint_and_the_resume_command(data_path, tmp_path, trained):
+    run_dir = tmp_path / "interrupted"
+    job = subprocess.Popen([sys.executable, "-m", "leworld.train", *TINY_RUN, f"data.path={data_path}",
+                            "train.epochs=30", "train.save_every=2", f"run_dir={run_dir}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoint.safetensors").exists():
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert f"resume=true run_dir={run_dir}" in out and "is kept" in out
+
+
+def test_loading_errors_are_one_line(trained, tmp_path):
+    ckpt = load_checkpoint(trained[0])
+    no_version = tmp_path / "no_version.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, no_version, {"format": "leworld", "config": "{}"})
+    assert "no valid format version" in one_line_error(run("eval", f"ckpt={no_version}"))
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads(json.dumps(ckpt.config))
+    config["model"]["latent_dim"] = 48  # a config that does not fit the tensors
+    save_checkpoint(other / "checkpoint.safetensors", ckpt.tensors, config, **ckpt.info)
+    assert "does not fit the model its config describes" in one_line_error(run("eval", f"ckpt={other}"))
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    info = {k: v for k, v in ckpt.info.items() if k not in ("action_codec", "env", "data")}
+    save_checkpoint(legacy / "checkpoint.safetensors", ckpt.tensors, ckpt.config, **info)
+    assert f"python -m leworld.train upgrade ckpt=" in one_line_error(run("probe", f"ckpt={legacy}"))
+
+
+def test_upgrading_a_checkpoint_of_an_older_leworld(trained, tmp_path):
+    """An old checkpoint carried the dataset's statistics and its split by config; upgrade turns them
+    into the record the current one carries, and the model then plans as before."""
+    ckpt = load_checkpoint(trained[0])
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    info = {k: v for k, v in ckpt.info.items() if k not in ("action_codec", "env", "data")}
+    dataset = open_dataset(load_world_model(trained[0]))
+    info["dataset"] = {"stats": dataset.meta["stats"]}
+    save_checkpoint(legacy / "checkpoint.safetensors", ckpt.tensors, ckpt.config, **info)
+    done = run("train", "upgrade", f"ckpt={legacy}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (legacy / "checkpoint.v1.safetensors").exists()
+    old, new = load_world_model(trained[0]), load_world_model(legacy)
+    assert new.codec == old.codec and new.data == old.data and new.env == old.env
+    assert "already current" in one_line_error(run("train", "upgrade", f"ckpt={legacy}"))
+
+
+def test_batchnorm_statistics_are_recalibrated_to_the_current_weights(trained):
     model = LeWorldModel.from_checkpoint(trained[0])
-    dataset = EpisodeDataset.open(model.train_config["data"]["path"])
-    clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, model.frameskip)
+    dataset = open_dataset(model)
+    clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, model.codec)
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
         norm.running_mean.fill_(5.0)  # stale statistics, as if the weights had moved on
     recalibrate_batchnorm(model, clips, batches=1, batch_size=64, seed=3, device=torch.device("cpu"))
     assert not model.training
-    clips.generator.manual_seed(3)
-    pixels = clips.sample(64)["pixels"]
+    pixels = clips.sample(64, clips.generator(3))["pixels"]
     with torch.no_grad():
         eval_latents = model.encode(pixels)
         train_latents = model.train().encode(pixels)  # batch statistics of that same batch

@@ -11,8 +11,8 @@ A dataset folder (written by `python -m leworld.collect`) holds
                    episode (N,) int64, step (N,) int64   episode index and step within it
 
 A clip is T frames taken every `frameskip` steps, t, t+fs, ..., t+(T−1)·fs, and for each kept frame
-the fs raw actions that follow it, concatenated into one action block of fs·A numbers and
-normalised with the dataset's statistics: block k is what moves frame k to frame k+1. A clip never
+the fs raw actions that follow it, concatenated into one action chunk of fs·A numbers and
+normalised (ActionCodec): chunk k is what moves frame k to frame k+1. A clip never
 crosses an episode boundary.
 """
 
@@ -38,54 +38,70 @@ def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
     """What is wrong with a dataset folder (empty list: nothing). The structural checks read no
     data; `content=True` also reads the episode indices and checks every number is finite."""
     root = Path(path)
+    meta, problems = read_meta(root)
+    if problems:
+        return problems
+    problems = layout_problems(root / "tensors", meta)
+    if problems or not content:
+        return problems
+    return content_problems(TensorDict.load_memmap(root / "tensors"), meta)
+
+
+def read_meta(root: Path) -> tuple[dict | None, list[str]]:
+    """A dataset's meta.json and what is wrong with it: every key that readers of a dataset use is
+    checked here, so a damaged file is one line, not a KeyError later."""
     if not root.is_dir():
-        return [f"{root} does not exist"]
+        return None, [f"{root} does not exist"]
     meta_file = root / "meta.json"
     if not meta_file.is_file():
         partial = (root / "collection.json").is_file()  # collect.MARKER: leworld is collecting into the folder
-        return [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with resume=true)"
-                                                 if partial else "it is not a leworld dataset")]
+        return None, [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with "
+                                                       "resume=true)" if partial else "it is not a leworld dataset")]
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
-        return [f"{meta_file} is not valid JSON ({err})"]
+        return None, [f"{meta_file} is not valid JSON ({err})"]
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return [f"{meta_file} does not describe a leworld dataset"]
-    # every key that readers of a dataset use: a damaged meta.json is one line here, not a KeyError later
+        return None, [f"{meta_file} does not describe a leworld dataset"]
     required = {"num_frames": int, "num_episodes": int, "episode_lengths": list, "image_shape": list,
                 "action_dim": int, "state_dim": int, "stats": dict, "env": dict}
     damaged = f"{meta_file} is damaged (restore it or collect the dataset again): "
     for key, kind in {**required, "version": int, "proprio_dim": int}.items():
         if key not in meta:
             if key in required:
-                return [damaged + f"it has no '{key}'"]
+                return None, [damaged + f"it has no '{key}'"]
         elif not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            return [damaged + f"'{key}' is {json.dumps(meta[key])}, not {'an integer' if kind is int else 'a ' + kind.__name__}"]
+            wanted = "an integer" if kind is int else "a " + kind.__name__
+            return None, [damaged + f"'{key}' is {json.dumps(meta[key])}, not {wanted}"]
     if meta.get("version", 0) > VERSION:
-        return [f"{root} was written by a newer leworld (format {meta['version']}); upgrade leworld"]
+        return None, [f"{root} was written by a newer leworld (format {meta['version']}); upgrade leworld"]
     n, lengths, action_stats = meta["num_frames"], meta["episode_lengths"], meta["stats"].get("action")
     counts = [meta["action_dim"], meta["state_dim"], *meta["image_shape"], *lengths]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts) or len(meta["image_shape"]) != 3:
-        return [damaged + "its dimensions and episode lengths must be positive integers (image_shape three of them)"]
+        return None, [damaged + "its dimensions and episode lengths must be positive integers (image_shape three of them)"]
     if len(lengths) != meta["num_episodes"] or sum(lengths) != n:
-        return [damaged + f"'episode_lengths' lists {len(lengths)} episodes of {sum(lengths)} frames, but it says "
-                          f"num_episodes {meta['num_episodes']} and num_frames {n}"]
+        return None, [damaged + f"'episode_lengths' lists {len(lengths)} episodes of {sum(lengths)} frames, but it says "
+                                f"num_episodes {meta['num_episodes']} and num_frames {n}"]
     if not isinstance(meta["env"].get("name"), str) or not isinstance(action_stats, dict) or not all(
             isinstance(action_stats.get(k), list) and len(action_stats[k]) == meta["action_dim"]
             and all(isinstance(x, (int, float)) and np.isfinite(x) for x in action_stats[k]) for k in ("mean", "std")):
-        return [damaged + "it lacks the env's name or the finite mean and std of the actions"]
-    tensors = root / "tensors"
+        return None, [damaged + "it lacks the env's name or the finite mean and std of the actions"]
+    return meta, []
+
+
+def layout_problems(tensors: Path, meta: dict) -> list[str]:
+    """Whether tensors/ holds every tensor meta.json describes, with its dtype, shape and file size."""
     try:
         layout = json.loads((tensors / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         return [f"{tensors} is missing or unreadable ({err})"]
-
-    problems = []
+    n = meta["num_frames"]
     expected = {"pixels": ("torch.uint8", [n, *meta["image_shape"]]), "episode": ("torch.int64", [n]),
                 "step": ("torch.int64", [n]), "action": ("torch.float32", [n, meta["action_dim"]]),
                 "state": ("torch.float32", [n, meta["state_dim"]])}
     if meta.get("proprio_dim"):
         expected["proprio"] = ("torch.float32", [n, meta["proprio_dim"]])
+    problems = []
     for key, (dtype, shape) in expected.items():
         entry = layout.get(key) if isinstance(layout, dict) else None
         if not isinstance(entry, dict):
@@ -100,10 +116,12 @@ def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
             problems.append(f"{file} is missing")
         elif file.stat().st_size != size:
             problems.append(f"{file} is {file.stat().st_size} bytes, expected {size} (truncated or overwritten)")
-    if problems or not content:
-        return problems
+    return problems
 
-    td = TensorDict.load_memmap(tensors)
+
+def content_problems(td: TensorDict, meta: dict) -> list[str]:
+    """Episode and step indices that count as meta.json says, and finite numbers everywhere."""
+    problems, n = [], meta["num_frames"]
     episode, step = td["episode"].numpy(), td["step"].numpy()
     starts = np.flatnonzero(np.diff(episode, prepend=-1))
     if not np.array_equal(episode[starts], np.arange(len(starts))) or len(starts) != meta["num_episodes"]:
@@ -166,9 +184,9 @@ class EpisodeDataset:
 
 @dataclass(frozen=True)
 class ActionCodec:
-    """Raw env actions <-> the action blocks a world model sees and plans in.
+    """Raw env actions <-> the action chunks a world model sees and plans in.
 
-    A block is the `frameskip` raw actions (A each) taken between two kept frames, each normalised
+    A chunk is the `frameskip` raw actions (A each) taken between two kept frames, each normalised
     by the training data's mean and std, concatenated in time order: [a_t, a_t+1, ...] (fs·A,).
     low / high are the environment's raw action bounds. A checkpoint saves its model's codec, so
     planning searches the action space the model was trained in whatever dataset is at hand.
@@ -195,20 +213,20 @@ class ActionCodec:
     def block_dim(self) -> int:
         return self.frameskip * self.action_dim
 
-    def to_blocks(self, raw: Tensor) -> Tensor:
-        """Raw actions (..., K·fs, A) -> normalised blocks (..., K, fs·A)."""
+    def to_chunks(self, raw: Tensor) -> Tensor:
+        """Raw actions (..., K·fs, A) -> normalised chunks (..., K, fs·A)."""
         normalised = (raw - raw.new_tensor(self.mean)) / raw.new_tensor(self.std)
         return rearrange(normalised, "... (k f) a -> ... k (f a)", f=self.frameskip)
 
-    def to_env(self, blocks: Tensor) -> np.ndarray:
-        """Normalised blocks (..., K, fs·A) -> raw actions (..., K·fs, A) inside the env's bounds."""
-        normalised = rearrange(blocks.detach().float().cpu(), "... k (f a) -> ... (k f) a", f=self.frameskip).numpy()
+    def to_env(self, chunks: Tensor) -> np.ndarray:
+        """Normalised chunks (..., K, fs·A) -> raw actions (..., K·fs, A) inside the env's bounds."""
+        normalised = rearrange(chunks.detach().float().cpu(), "... k (f a) -> ... (k f) a", f=self.frameskip).numpy()
         return np.clip(normalised * self.std + np.asarray(self.mean), self.low, self.high)
 
     def bounds(self, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-        """The env's bounds as normalised blocks: (low, high), each (fs·A,)."""
+        """The env's bounds as normalised chunks: (low, high), each (fs·A,)."""
         low, high = (torch.tensor(v, dtype=torch.float32, device=device) for v in (self.low, self.high))
-        return self.to_blocks(low.expand(self.frameskip, -1))[0], self.to_blocks(high.expand(self.frameskip, -1))[0]
+        return self.to_chunks(low.expand(self.frameskip, -1))[0], self.to_chunks(high.expand(self.frameskip, -1))[0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,7 +243,7 @@ class ClipSampler:
     sample(B, generator) draws B clips at random; epoch(B, seed) goes once through every clip (all
     start frames) in an order fixed by the seed, so that a resumed run can pick up mid-epoch. Both give:
         pixels  (B, T, 3, H, W) uint8
-        actions (B, T, fs·A) float32, blocks of the codec; block k moves frame k to frame k+1
+        actions (B, T, fs·A) float32, chunks of the codec; chunk k moves frame k to frame k+1
         state   (B, T, S) float32, and proprio (B, T, P) where the dataset has it
     Gathering runs where the dataset's tensors are: on a GPU after dataset.to("cuda").
     """
@@ -253,7 +271,7 @@ class ClipSampler:
         raw_actions = td["action"][(starts[:, None] + self.action_offsets).flatten()]  # (B·T·fs, A)
         batch = {
             "pixels": rearrange(pixels, "(b t) h w c -> b t c h w", b=len(starts)),
-            "actions": self.codec.to_blocks(rearrange(raw_actions, "(b n) a -> b n a", b=len(starts))),
+            "actions": self.codec.to_chunks(rearrange(raw_actions, "(b n) a -> b n a", b=len(starts))),
             "state": rearrange(td["state"][frames.flatten()], "(b t) s -> b t s", b=len(starts)),
         }
         if "proprio" in td.keys():

@@ -157,7 +157,7 @@ def resolved_model_config(cfg: DictConfig, dataset: EpisodeDataset) -> DictConfi
     if ckpt.info.get("kind") != "pretrain":
         raise LeworldError(f"model.encoder.init={cfg.model.encoder.init} is a {ckpt.info.get('kind')} checkpoint, not "
                            "an image pretraining one")
-    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model))
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
     model_cfg.encoder.backbone = ckpt.config["backbone"]
     return model_cfg
 

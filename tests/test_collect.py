@@ -90,7 +90,7 @@ def test_clips_stay_inside_one_episode_and_an_epoch_sees_each_once(dataset_path)
     resumed = torch.cat([batch["state"][:, 0] for batch in sampler.epoch(5, seed=0, skip=1)])
     assert torch.equal(resumed, starts[5:])  # picking up mid-epoch gives the rest of the same order
     # the whole set of normalised actions has zero mean and unit spread
-    normalised = pusht_codec(ds, frameskip=1).to_blocks(ds.tensors["action"][ds.tensors["step"] < 24])
+    normalised = pusht_codec(ds, frameskip=1).to_chunks(ds.tensors["action"][ds.tensors["step"] < 24])
     torch.testing.assert_close(normalised.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalised.std(0), torch.ones(2), atol=2e-2, rtol=0)
 

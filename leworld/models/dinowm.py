@@ -15,7 +15,7 @@ The encoder's weights come from a DINOv2-format file (.pth or .safetensors with 
 or from a leworld image-pretraining checkpoint with a ViT backbone: nothing is downloaded. It has
 the world-model interface of LeWorldModel (encode, predict, rollout, plan_cost, loss), so the same
 training loop, planners, MPC loop and evaluation run it. Shapes: B batch, T time, P patches, E
-feature width, S samples, H horizon in action blocks.
+feature width, S samples, H horizon in action chunks.
 """
 
 import math
@@ -197,14 +197,12 @@ def dinowm_config(cfg: DictConfig, dataset) -> DictConfig:
     if weights is None:
         raise LeworldError("model=dinowm needs model.encoder.weights=<a DINOv2 .pth/.safetensors file or a leworld "
                            "image-pretraining run with a ViT>; nothing is downloaded")
-    _, backbone = read_vit_weights(weights, cfg.model.encoder.heads)
-    resolved = {"encoder": {"backbone": backbone}}
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
+    _, model_cfg.encoder.backbone = read_vit_weights(weights, cfg.model.encoder.heads)
     if cfg.model.proprio.use:
         if "proprio" not in dataset.tensors.keys():
             raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
-        resolved["proprio"] = {"dim": dataset.meta["proprio_dim"]}
-    model_cfg = OmegaConf.merge(cfg.model, resolved)
-    model_cfg.encoder.backbone = backbone  # replaced whole: the preset's keys may not fit the file's ViT
+        model_cfg.proprio.dim = dataset.meta["proprio_dim"]
     return model_cfg
 
 

@@ -11,7 +11,6 @@ from leworld.nn.projector import Projector
 from leworld.nn.vit import ViT
 
 BACKBONES = {"vit": ViT, "convnet": ConvNet}
-NOT_CONSTRUCTOR_ARGS = ("name",)
 
 
 def build_backbone(cfg: DictConfig | dict) -> nn.Module:
@@ -22,7 +21,7 @@ def build_backbone(cfg: DictConfig | dict) -> nn.Module:
     name = cfg.get("name")
     if name not in BACKBONES:
         raise LeworldError(f"unknown backbone name {name!r}; choose one of: {', '.join(BACKBONES)}")
-    kwargs = {k: v for k, v in cfg.items() if k not in NOT_CONSTRUCTOR_ARGS}
+    kwargs = {k: v for k, v in cfg.items() if k != "name"}
     accepted = inspect.signature(BACKBONES[name]).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

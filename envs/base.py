@@ -132,6 +132,20 @@ class MujocoEnv(gym.Env):
         self.goal_state = None if options.get("goal") is None else np.asarray(options["goal"], dtype=np.float64)
         return self.render(), self._info()
 
+    def simulate(self, state: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """The state reached from `state` by raw actions (K, A), physics only (nothing is drawn):
+        what an oracle planner asks of the simulator. The env is left in that state."""
+        self.set_state(state)
+        for action in np.clip(actions, self.action_space.low, self.action_space.high):
+            self.apply_action(action)
+            mujoco.mj_step(self.model, self.data, nstep=self.physics_steps)
+        return self.get_state()
+
+    def goal_cost(self, state: np.ndarray, goal: np.ndarray) -> float:
+        """What an oracle planner minimises on its way to the goal: every part of the success
+        criterion. The distance that success thresholds, unless the criterion has more parts."""
+        return self.distance(state, goal)
+
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != self.action_space.shape:

@@ -111,6 +111,11 @@ class PushTEnv(MujocoEnv):
         """The position error that success thresholds: 4-D (agent xy, block xy)."""
         return float(np.linalg.norm(np.asarray(state)[:4] - np.asarray(goal)[:4]))
 
+    def goal_cost(self, state: np.ndarray, goal: np.ndarray) -> float:
+        """Position error over its threshold (20) plus angle error over its threshold (π/9):
+        both parts of the criterion, each below 1 where it is met."""
+        return self.distance(state, goal) / 20 + abs(wrap_angle(state[4] - goal[4])) / (np.pi / 9)
+
     def proprio(self, state: np.ndarray) -> np.ndarray:
         return state[[0, 1, 5, 6]]
 

@@ -12,6 +12,7 @@ eval.json (one row per episode, and the settings) and GIFs of a few episodes wit
 import datetime
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +26,8 @@ import envs
 from leworld import LeworldError
 from leworld.checkpoint import resolve_path
 from leworld.data import ActionCodec, EpisodeDataset
-from leworld.models import WorldModel, load_world_model, open_dataset
-from leworld.runtime import autocast, check_values, pick_device, require, run_main
+from leworld.models import DataRecord, EnvSpec, WorldModel, load_world_model, open_dataset
+from leworld.runtime import autocast, check_values, pick_device, run_main
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
 
@@ -62,6 +63,57 @@ class LatentObjective:
                 return self.model.plan_cost(context, goal, plans, taken).float()
 
         return cost
+
+
+class SimulatorObjective:
+    """The oracle's planning cost: each candidate plan simulated from the observed state in a copy
+    of the environment (physics only, nothing drawn) and scored by the env's goal cost. Exact, and
+    slow: it is the ceiling of what the planner and the protocol allow, not a model."""
+
+    def __init__(self, env: EnvSpec, goals: np.ndarray, codec: ActionCodec):
+        self.sim, self.goals, self.codec = envs.make(env.name, **env.kwargs), goals, codec
+
+    def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
+        starts, goals = observed["state"][:, -1], self.goals[index]  # (b, S), (b, S)
+
+        def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            raw = self.codec.to_env(plans)  # (b, S, H·fs, A): what the MPC loop would execute
+            costs = [[self.sim.goal_cost(self.sim.simulate(start, actions), goal) for actions in samples]
+                     for start, goal, samples in zip(starts, goals, raw)]
+            return torch.tensor(costs, dtype=torch.float32, device=plans.device)
+
+        return cost
+
+
+@dataclass
+class Oracle:
+    """The simulator itself as the world model (model=oracle): what the planner and the protocol
+    allow at best. It has what eval needs of a model: an action codec, an env and a data record."""
+
+    codec: ActionCodec
+    env: EnvSpec
+    data: DataRecord
+    history: int = 1
+
+    @property
+    def frameskip(self) -> int:
+        return self.codec.frameskip
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> tuple["Oracle", EpisodeDataset]:
+        """The oracle of cfg.env and its dataset (data_path, default model.data), with the action
+        codec and held-out episodes a training run with model.val_fraction and model.split_seed makes."""
+        if OmegaConf.select(cfg, "env.name") is None:
+            raise LeworldError("model=oracle needs env=<pusht|tworoom|reacher>")
+        env = EnvSpec(cfg.env.name, OmegaConf.to_container(cfg.env.kwargs, resolve=True))
+        dataset = EpisodeDataset.open(cfg.data_path or cfg.model.data)
+        if dataset.meta["env"]["name"] != env.name:
+            raise LeworldError(f"{dataset.path} holds {dataset.meta['env']['name']} data, not {env.name}")
+        space = envs.make(env.name, **env.kwargs).action_space
+        codec = ActionCodec.from_stats(dataset.meta["stats"]["action"], space.low, space.high, cfg.model.frameskip)
+        _, held_out = dataset.split(cfg.model.val_fraction, cfg.model.split_seed)
+        data = DataRecord(str(dataset.path), dataset.meta["num_frames"], dataset.fingerprint(), tuple(map(int, held_out)))
+        return cls(codec, env, data), dataset
 
 
 def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offset: int, seed: int) -> np.ndarray:
@@ -115,11 +167,15 @@ def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, plann
         goal_rows = torch.as_tensor(batch_rows + protocol.goal_offset)
         goals = state[goal_rows].numpy().astype(np.float64)
         batch = [envs.make(model.env.name, **model.env.kwargs) for _ in batch_rows]
-        for env, row, goal in zip(batch, batch_rows, goals):
-            env.reset(options={"state": state[int(row)].numpy().astype(np.float64), "goal": goal})
-        objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
-                                    dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
-                                    batch[0].proprio if has_proprio else None)
+        starts = state[torch.as_tensor(batch_rows)].numpy().astype(np.float64)
+        for env, start, goal in zip(batch, starts, goals):
+            env.reset(options={"state": start, "goal": goal})
+        if isinstance(model, Oracle):
+            objective = SimulatorObjective(model.env, goals, model.codec)
+        else:
+            objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
+                                        dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
+                                        batch[0].proprio if has_proprio else None)
         result = run_mpc(batch, objective, planner, model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
@@ -129,6 +185,7 @@ def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, plann
         for i, row in enumerate(batch_rows):
             results.append({"episode": first + i, "seed": seed, "dataset_row": int(row),
                             "success": bool(result.success[i]), "steps": int(result.steps[i]),
+                            "start_success": bool(batch[i].success(starts[i], goals[i])),
                             "final_distance": batch[i].distance(result.final_state[i], goals[i]),
                             "final_state": result.final_state[i].tolist()})
         solve_seconds += result.solve_seconds
@@ -141,6 +198,7 @@ def summary(results: list[dict], solve_seconds: list[float]) -> dict:
     return {"success_rate": float(success.mean()),
             "standard_error": float(success.std(ddof=1) / np.sqrt(len(success))) if len(success) > 1 else 0.0,
             "median_final_distance": float(np.median([r["final_distance"] for r in results])),
+            "start_success_rate": float(np.mean([r["start_success"] for r in results])),
             "episodes": len(results), "solves": len(solve_seconds),
             "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0}
 
@@ -198,7 +256,8 @@ def plan_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path
     print(f"{planner_cfg.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
           f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes, median final distance "
           f"{report['planner']['median_final_distance']:.3g}; median planning time "
-          f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments")
+          f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments; "
+          f"{100 * report['planner']['start_success_rate']:.0f}% of the starts already met their goal")
     rows_out = {"planner": results}
     if protocol.random_baseline:
         floor, _, _ = evaluate(model, dataset, rows, OmegaConf.create({"name": "random"}), protocol, seed, device)
@@ -219,10 +278,22 @@ def plan_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint>"))
-    device = pick_device(cfg.device)
-    model = load_world_model(path, device).requires_grad_(False)
     check_protocol(cfg)
+    device = pick_device(cfg.device)
+    kind = OmegaConf.select(cfg, "model.type")
+    if kind == "oracle":
+        model, dataset = Oracle.of(cfg)
+        make_planner(cfg.planner, model.codec, cfg.seed, device)
+        out_dir = Path(cfg.out_dir or f"runs/eval/oracle-{model.env.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+        return plan(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir, {"model": "oracle"})
+    if kind is not None:
+        raise LeworldError(f"eval takes model=oracle only (the simulator as the model); a trained model of type "
+                           f"{kind} comes with ckpt=<its run folder>")
+    if cfg.ckpt is None:
+        raise LeworldError("ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint> (or model=oracle "
+                           "env=<name> to plan with the simulator itself)")
+    path = resolve_path(cfg.ckpt)
+    model = load_world_model(path, device).requires_grad_(False)
     expected = OmegaConf.select(cfg, "env.name")
     if expected is not None and expected != model.env.name:
         raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")

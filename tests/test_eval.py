@@ -140,3 +140,44 @@ def test_bad_input(trained, tmp_path):
     (tmp_path / "file").write_text("x")  # an out_dir that cannot be made fails before any planning
     assert "cannot create out_dir" in one_line_error(run("eval", f"ckpt={trained[0]}", f"out_dir={tmp_path / 'file' / 'e'}"))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_oracle_plans_with_the_simulator(trained, data_path, tmp_path):
+    """model=oracle: the same planner and protocol with plans scored in the simulator. On TwoRoom,
+    whose goals are 10 steps of walking away, it reaches what random actions do not."""
+    out = tmp_path / "oracle"
+    done = run("eval", "model=oracle", "env=tworoom", "env.kwargs.image_size=32", f"data_path={data_path}",
+               "model.frameskip=2", *SMALL, "protocol.budget=16", f"out_dir={out}", "protocol.videos=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    dataset = EpisodeDataset.open(data_path)
+    check_episodes(report["episodes"]["planner"], dataset, budget=16)
+    oracle, floor = report["summary"]["planner"], report["summary"]["random"]
+    assert oracle["success_rate"] == 1.0 and floor["success_rate"] < 1.0
+    assert report["settings"]["model"] == "oracle" and "start_success_rate" in oracle
+    # the same tasks as a default training run's evaluation: its held-out episodes
+    episode = np.searchsorted(dataset.episode_starts, [r["dataset_row"] for r in report["episodes"]["planner"]],
+                              side="right") - 1
+    assert np.isin(episode, dataset.split(0.1, 0)[1]).all()
+    assert "needs env=" in one_line_error(run("eval", "model=oracle"))
+    assert "model=oracle only" in one_line_error(run("eval", "model=lewm", f"ckpt={trained[0]}"))
+
+
+def test_the_simulator_objective_scores_the_state_a_plan_reaches(data_path):
+    from leworld.data import ActionCodec
+    from leworld.eval import SimulatorObjective
+    from leworld.models import EnvSpec
+
+    dataset = EpisodeDataset.open(data_path)
+    codec = ActionCodec((0.1, 0.0), (0.5, 0.5), (-1.0, -1.0), (1.0, 1.0), 2)
+    goals = dataset.tensors["state"][[30, 31]].double().numpy()
+    objective = SimulatorObjective(EnvSpec("tworoom", {"image_size": 32}), goals, codec)
+    starts = dataset.tensors["state"][[0, 1]].double().numpy()
+    cost = objective.cost_fn({"state": starts[:, None]}, None, np.array([0, 1]))
+    plans = torch.randn(2, 3, 2, 4)
+    env = envs.make("tworoom", image_size=32)
+    for b in range(2):
+        env.reset(options={"state": starts[b]})
+        for action in codec.to_env(plans[b, 1]):  # executed as the MPC loop would
+            *_, info = env.step(action)
+        assert cost(plans)[b, 1].item() == pytest.approx(env.distance(info["state"], goals[b]), rel=1e-5)

@@ -109,7 +109,7 @@ class SimulatorObjective:
 
 @pytest.mark.parametrize("env_name", ["tworoom", "reacher"])
 def test_mpc_with_the_simulator_solves_easy_instances(env_name):
-    frameskip, action_dim = 2, 2
+    frameskip = 2
     rng = np.random.default_rng(0)
     batch = [envs.make(env_name, image_size=16) for _ in range(3)]
     starts, goals = [], []

@@ -285,7 +285,7 @@ def test_loading_errors_are_one_line(trained, tmp_path):
     legacy.mkdir()
     info = {k: v for k, v in ckpt.info.items() if k not in ("action_codec", "env", "data")}
     save_checkpoint(legacy / "checkpoint.safetensors", ckpt.tensors, ckpt.config, **info)
-    assert f"python -m leworld.train upgrade ckpt=" in one_line_error(run("probe", f"ckpt={legacy}"))
+    assert "python -m leworld.train upgrade ckpt=" in one_line_error(run("probe", f"ckpt={legacy}"))
 
 
 def test_upgrading_a_checkpoint_of_an_older_leworld(trained, tmp_path):

@@ -90,6 +90,8 @@ def check_config(cfg: DictConfig) -> None:
         raise LeworldError("data.val_fraction=0 holds no episode out, but validation, probes and planning tasks need "
                            "episodes the model never trained on; use e.g. data.val_fraction=0.1")
     check_values(cfg, RULES)
+    if cfg.model.type == "lewm":
+        check_values(cfg, {"model.predictor.rollout_steps": (int, 1, None)})
     check_protocol(cfg)
 
 

@@ -44,6 +44,32 @@ def test_shapes_and_loss(model):
     assert model.encode(torch.randint(0, 255, (2, 1, 3, 48, 48), dtype=torch.uint8)).shape == (2, 1, 16)
 
 
+def test_rollout_steps_also_train_on_the_predictors_own_predictions():
+    torch.manual_seed(0)
+    cfg = {**TINY, "predictor": {**TINY["predictor"], "rollout_steps": 3}}
+    model = LeWorldModel(cfg, codec()).eval()
+    batch = {"pixels": torch.randint(0, 255, (5, 4, 3, 32, 32), dtype=torch.uint8), "actions": torch.randn(5, 4, 4)}
+    out = model.loss(batch)
+    # by hand: each pass reads the first real latent, then the previous pass's predictions
+    latents, chunks = model.encode(batch["pixels"]), batch["actions"][:, :3]
+    first = model.predict(latents[:, :3], chunks)
+    second = model.predict(torch.cat([latents[:, :1], first[:, :2]], 1), chunks)
+    third = model.predict(torch.cat([latents[:, :1], second[:, :2]], 1), chunks)
+    errors = [(p - latents[:, 1:]).square().mean() for p in (first, second, third)]
+    torch.testing.assert_close(out["pred"], sum(errors) / 3)
+    assert not torch.allclose(errors[0], errors[2])  # the later passes do see imagined inputs
+    # the fed predictions carry no gradient: the loss's gradient is that of teacher forcing plus
+    # the later passes with their inputs held fixed
+    out["pred"].backward()
+    grad = model.action_encoder[0].weight.grad.clone()
+    model.zero_grad()
+    fixed = [first.detach(), second.detach()]
+    again = [model.predict(latents[:, :3].detach(), chunks)]
+    again += [model.predict(torch.cat([latents[:, :1].detach(), f[:, :2]], 1), chunks) for f in fixed]
+    (sum((p - latents[:, 1:].detach()).square().mean() for p in again) / 3).backward()
+    torch.testing.assert_close(model.action_encoder[0].weight.grad, grad)
+
+
 def test_prediction_is_causal_in_time(model):
     perturb_modulation(model)
     latents, actions = torch.randn(2, 3, 16), torch.randn(2, 3, 4)

@@ -218,7 +218,8 @@ def test_bad_settings_are_one_line_before_training(data_path, tmp_path, trained,
            "protocol.receding_horizon=9": "protocol.receding_horizon=9", "+train.epchs=2": "take no new keys",
            "train.epchs=2": "--help lists every key", "model=huge": "there is no model=huge",
            "planner.elites=1000": "elites", "probe.horizon=60": "no episode of",
-           "protocol.goal_offset=60": "protocol.goal_offset=60"}
+           "protocol.goal_offset=60": "protocol.goal_offset=60",
+           "model.predictor.rollout_steps=0": "model.predictor.rollout_steps=0"}
     for override, message in bad.items():
         run_dir = tmp_path / "never"
         line = train_error(capsys, *ok, "plan_after_training=true", override, f"run_dir={run_dir}")

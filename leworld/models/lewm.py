@@ -5,6 +5,9 @@
     loss  = MSE(ẑ_t+1, z_t+1) + λ · SIGReg(z_t over the batch, per time step)
 
 Teacher forcing, no stop-gradient, no EMA target: SIGReg alone keeps the latents from collapsing.
+With `predictor.rollout_steps` = k > 1 the prediction term also averages k − 1 passes in which
+the predictor reads its own earlier predictions after the first frame (as it does when planning),
+without gradient through those inputs (JEPA-WMs' multi-step rollout loss); still one MSE term.
 Each action a_t is the chunk of `frameskip` raw actions (normalised, leworld.data.ActionCodec) that
 moves frame t to frame t+1. Rollouts and plan costs come from WorldModel (models/base.py). Shapes:
 B batch, T time, D latent width.
@@ -39,6 +42,7 @@ class LeWorldModel(WorldModel):
         self.out_projector = Projector(width, list(cfg.predictor.projector.hidden), cfg.latent_dim)
         self.sigreg = SIGReg(cfg.sigreg.num_slices, cfg.sigreg.knots, cfg.sigreg.t_max)
         self.sigreg_weight = cfg.sigreg.weight
+        self.rollout_steps = cfg.predictor.get("rollout_steps", 1)  # checkpoints from before it: 1
         self.frozen_backbone = bool(cfg.encoder.freeze)
         if self.frozen_backbone:
             self.backbone.requires_grad_(False)
@@ -67,8 +71,14 @@ class LeWorldModel(WorldModel):
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch: pixels (B, T, 3, H, W) uint8 and actions (B, T, fs·A), T = history + 1."""
         latents = self.encode(batch["pixels"])  # (B, T, D)
-        predicted = self.predict(latents[:, :-1], batch["actions"][:, :-1])  # (B, T−1, D)
-        pred = (predicted - latents[:, 1:]).square().mean()  # teacher forcing, no stop-gradient
+        chunks, targets = batch["actions"][:, :-1], latents[:, 1:]  # (B, T−1, fs·A), (B, T−1, D)
+        predicted = self.predict(latents[:, :-1], chunks)  # (B, T−1, D), teacher forcing
+        errors = [(predicted - targets).square().mean()]  # no stop-gradient on the targets
+        for _ in range(self.rollout_steps - 1):
+            fed = torch.cat([latents[:, :1], predicted[:, :-1].detach()], dim=1)  # (B, T−1, D)
+            predicted = self.predict(fed, chunks)
+            errors.append((predicted - targets).square().mean())
+        pred = torch.stack(errors).mean()
         sigreg = self.sigreg(rearrange(latents, "b t d -> t b d"))  # over the batch, per time step
         return {"loss": pred + self.sigreg_weight * sigreg, "pred": pred, "sigreg": sigreg}
 

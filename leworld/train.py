@@ -271,6 +271,7 @@ def save_state(path: Path, opt: Optimisation, cfg: DictConfig, **position) -> No
 
 
 def train(cfg: DictConfig) -> dict:
+    started = time.perf_counter()
     cfg, resume_from = resume_config(cfg) if cfg.resume else (cfg, None)
     check_config(cfg)
     procs = start_processes(cfg.device)
@@ -322,7 +323,9 @@ def train(cfg: DictConfig) -> dict:
     opt.finish()
     if not procs.is_main:
         return {}
-    return results | after_training(opt.model, cfg, dataset, train_episodes, held_out, device, run_dir, log)
+    results |= after_training(opt.model, cfg, dataset, train_episodes, held_out, device, run_dir, log)
+    print(outcome_table(results, (time.perf_counter() - started) / 60))
+    return results
 
 
 def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_clips: ClipSampler,
@@ -385,7 +388,8 @@ def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_cl
     sigreg = f", SIGReg {metrics['sigreg']:.2f} (an isotropic Gaussian scores about 1.06)" if "sigreg" in metrics else ""
     log.print(f"trained to step {step} in {elapsed / 60:.1f} min: loss {first_loss:.3f} -> {metrics['loss']:.3f}, "
               f"held-out {metrics.get('val_loss', float('nan')):.3f}{sigreg}")
-    return {"steps": step, "seconds": elapsed, "loss_first": first_loss, **metrics}
+    return {"steps": step, "clips": step * cfg.train.batch_size * procs.world_size, "seconds": elapsed,
+            "loss_first": first_loss, **metrics}
 
 
 def after_training(model: WorldModel, cfg: DictConfig, dataset: EpisodeDataset, train_episodes: np.ndarray,
@@ -401,6 +405,30 @@ def after_training(model: WorldModel, cfg: DictConfig, dataset: EpisodeDataset, 
         results["eval"] = plan(model.requires_grad_(False), dataset, cfg.planner, cfg.protocol, cfg.seed, device,
                                run_dir / "eval", {"ckpt": str(run_dir / FILENAME)})
     return results
+
+
+def outcome_table(results: dict, minutes: float) -> str:
+    """What the run achieved, in one table: this model against its floor (the same encoder at
+    random initialisation for the probe, random actions for planning)."""
+    rows = [("training minutes", f"{results['seconds'] / 60:.1f}", ""),
+            ("clips seen", f"{results['clips'] / 1000:.0f}k ({results['steps']} steps)", ""),
+            ("held-out loss", f"{results.get('val_loss', float('nan')):.3f}", "")]
+    if "probe" in results:
+        r2 = results["probe"]["r2"]
+        rows += [(f"probe R² {name}", f"{value:.3f}", f"{r2['random_init'][name]:.3f}")
+                 for name, value in r2["trained"].items()]
+    if "eval" in results:
+        ours, floor = results["eval"]["planner"], results["eval"].get("random")
+        rate = lambda s: f"{100 * s['success_rate']:.1f}% ± {100 * s['standard_error']:.1f}%"
+        rows += [("planning success", rate(ours), rate(floor) if floor else ""),
+                 ("median final distance", f"{ours['median_final_distance']:.3g}",
+                  f"{floor['median_final_distance']:.3g}" if floor else ""),
+                 ("planning s per solve", f"{ours['median_solve_seconds']:.0f}", "")]
+    rows.append(("whole command, minutes", f"{minutes:.1f}", ""))
+    first, second = max(len(r[0]) for r in rows) + 2, max(len(r[1]) for r in rows) + 2
+    lines = [f"what {results['run_dir']} achieved:", f"  {'':<{first}}{'this model':<{second}}random init / random actions"]
+    lines += [f"  {name:<{first}}{ours:<{second}}{floor}".rstrip() for name, ours, floor in rows]
+    return "\n".join(lines)
 
 
 # ---- checkpoints of older leworld versions --------------------------------------------------

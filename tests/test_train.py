@@ -5,6 +5,7 @@ training, with nothing lost."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,16 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert probe["rollout"]["model"][0] < probe["rollout"]["no_change"][0]
     assert "linear probe from latents to the state" in stdout
     assert "random actions: success" in stdout  # then it planned
-    assert len(json.loads((run_dir / "eval" / "eval.json").read_text())["episodes"]["planner"]) == 3
+    evaluation = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert len(evaluation["episodes"]["planner"]) == 3
+    # and it ends with one table of what it achieved, the same figures as probe.json and eval.json
+    table = stdout[stdout.index(f"what {run_dir} achieved:"):].splitlines()
+    cells = {row[0]: row[1:] for row in (re.split(r"\s{2,}", line.strip()) for line in table[2:])}
+    assert cells["probe R² x"] == [f"{probe['r2']['trained']['x']:.3f}", f"{probe['r2']['random_init']['x']:.3f}"]
+    ours, floor = evaluation["summary"]["planner"], evaluation["summary"]["random"]
+    assert cells["planning success"] == [f"{100 * ours['success_rate']:.1f}% ± {100 * ours['standard_error']:.1f}%",
+                                         f"{100 * floor['success_rate']:.1f}% ± {100 * floor['standard_error']:.1f}%"]
+    assert cells["clips seen"] == [f"{rows[-1]['step'] * 32 / 1000:.0f}k ({rows[-1]['step']} steps)"]
 
 
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):

@@ -15,12 +15,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from leworld.checkpoint import load_checkpoint, save_checkpoint, select
 from leworld.data import ClipSampler
 from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
-from leworld.runtime import run_main
+from leworld.runtime import CONFIG_DIR, load_config, run_main
 from leworld.train import held_out_batches, recalibrate_batchnorm, train, validate
 from conftest import TINY_RUN, run
 
@@ -46,6 +47,20 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert cells["planning success"] == [f"{100 * ours['success_rate']:.1f}% ± {100 * ours['standard_error']:.1f}%",
                                          f"{100 * floor['success_rate']:.1f}% ± {100 * floor['standard_error']:.1f}%"]
     assert cells["clips seen"] == [f"{rows[-1]['step'] * 32 / 1000:.0f}k ({rows[-1]['step']} steps)"]
+
+
+def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
+    recipe = yaml.safe_load((CONFIG_DIR / "recipe" / "lewm_cpu" / "reacher.yaml").read_text())
+    preset = yaml.safe_load((CONFIG_DIR / "model" / "lewm_cpu.yaml").read_text())
+    assert recipe["model"]["sigreg"]["weight"] != preset["model"]["sigreg"]["weight"]
+    reacher = load_config("train", ["env=reacher"])
+    assert reacher.model.sigreg.weight == recipe["model"]["sigreg"]["weight"]
+    assert reacher.train.epochs == recipe["train"]["epochs"]
+    assert reacher.model.latent_dim == preset["model"]["latent_dim"]  # the rest is the preset's
+    assert load_config("train", ["env=pusht"]).model.sigreg.weight == preset["model"]["sigreg"]["weight"]
+    assert load_config("train", ["env=reacher", "model.sigreg.weight=0.5"]).model.sigreg.weight == 0.5
+    paper = yaml.safe_load((CONFIG_DIR / "model" / "lewm.yaml").read_text())
+    assert load_config("train", ["env=reacher", "model=lewm"]).model.sigreg.weight == paper["model"]["sigreg"]["weight"]
 
 
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):

@@ -227,7 +227,7 @@ def bench_planning(cfg: DictConfig) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results, memory_runs = {}, []
     for name in spec.models:
-        model_cfg = load_config("train", [f"model={name}", "scale=gpu"]).model  # the published sizes: 224 px
+        model_cfg = load_config("train", [f"model={name}", f"scale={spec.scale}"]).model  # gpu: 224-px frames
         codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), model_cfg.frameskip)  # PushT's 2-d actions
         model = WORLD_MODELS[model_cfg.type](model_cfg, codec).to(device).eval().requires_grad_(False)
         parameters = sum(p.numel() for p in model.parameters())

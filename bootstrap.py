@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("LEWORLD_VENV", ROOT / ".venv"))
-TORCH = "torch==2.13.0"  # keep equal to the pin in pyproject.toml
+TORCH = "torch==2.13.0"  # the tested CPU build, inside the range pyproject.toml allows
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MAIN = ["-m", "leworld.train", "env=pusht"]
 TEST = ["-m", "pytest"]

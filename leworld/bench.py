@@ -7,6 +7,8 @@
     sampler  training clips per second from the clip sampler, from memory and from the memory map
     planning world models side by side (LeWM, DINO-WM): time per CEM solve with one environment
              and with many planned in one batch, FLOPs per solve, peak memory, and the ratios
+    train    the training step of model presets (forward, backward, AdamW): clips per second,
+             FLOPs per step and model FLOP utilisation against the device's peak, eager and compiled
 
 Each prints a markdown table with the machine and the command; docs/benchmarks.md keeps the results.
 """
@@ -31,7 +33,8 @@ import envs
 from leworld.collect import collect
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
 from leworld.models import WORLD_MODELS
-from leworld.runtime import autocast, load_config, pick_device, run_main
+from leworld.optim import Optimisation
+from leworld.runtime import Processes, autocast, load_config, pick_device, run_main
 from leworld.sigreg import SIGReg, quadrature
 from planners import CEM
 
@@ -96,7 +99,7 @@ def bench_sigreg(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     spec = cfg.sigreg
     print(f"SIGReg forward + backward, D={spec.dim}, {spec.knots} knots, median of {spec.repeats} after a warm-up")
-    print(f"machine: {_machine(device)}")
+    print(f"machine: {machine_name(device)}")
     print(f"command: python -m leworld.bench sigreg {' '.join(sys.argv[2:])}".rstrip() + "\n")
     print("| N | M | leworld ms | naive ms | leworld peak MiB | naive peak MiB | memory ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -133,7 +136,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _machine(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
@@ -162,7 +165,7 @@ def _env_steps(name: str, image_size: int, steps: int) -> tuple[int, float, floa
 def bench_collect(cfg: DictConfig) -> None:
     spec = cfg.collect
     print(f"environment steps per second, expert policy, rendering included ({spec.steps} steps per worker)")
-    print(f"machine: {_machine(torch.device('cpu'))}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
+    print(f"machine: {machine_name(torch.device('cpu'))}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
     print(f"command: python -m leworld.bench collect {' '.join(sys.argv[2:])}".rstrip() + "\n")
     print("| env | image | workers | steps/s per worker | steps/s in all |")
     print("|---|---:|---:|---:|---:|")
@@ -188,7 +191,7 @@ def bench_sampler(cfg: DictConfig) -> None:
         device = pick_device(cfg.device)
         print(f"clips of {spec.frames} frames, frameskip {spec.frameskip}, from {path} "
               f"({dataset.meta['num_frames']} frames of {'x'.join(map(str, dataset.meta['image_shape']))})")
-        print(f"machine: {_machine(device)}")
+        print(f"machine: {machine_name(device)}")
         print(f"command: python -m leworld.bench sampler {' '.join(sys.argv[2:])}".rstrip() + "\n")
         print("| source | batch | clips/s |")
         print("|---|---:|---:|")
@@ -209,22 +212,23 @@ def bench_sampler(cfg: DictConfig) -> None:
                 print(f"| {source} | {batch_size} | {clips / (time.perf_counter() - start):.0f} |", flush=True)
 
 
-def bench_planning(cfg: DictConfig) -> None:
+def bench_planning(cfg: DictConfig) -> dict:
     """World models side by side on the same inputs. One solve = encode the context frames and the
     goal once, then CEM over predictor rollouts. Weights are random: time does not depend on them.
     Where a solve is too slow to run whole (DINO-WM on a CPU), `measure` runs fewer samples and
     iterations and scales the planning part by the ratio: every cost call does the same work per
-    sample, so time and FLOPs grow linearly with samples x iterations."""
+    sample, so time and FLOPs grow linearly with samples x iterations. `compile` also times the
+    cost under torch.compile (on CUDA with CUDA graphs: CEM's shapes do not change)."""
     spec = cfg.planning
     device = pick_device(cfg.device)
     total = spec.cem.samples * spec.cem.iterations
     print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} chunks, "
           f"{spec.context} context frames; random weights, median of {spec.repeats}")
-    print(f"machine: {_machine(device)}")
+    print(f"machine: {machine_name(device)}")
     print(f"command: python -m leworld.bench planning {' '.join(sys.argv[2:])}".rstrip() + "\n")
-    print("| model | parameters | environments | timed as (samples x iterations) | ms per solve | environments per s "
-          "| GFLOP per solve | peak MiB of one cost call (as timed) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | parameters | environments | compiled | timed as (samples x iterations) | ms per solve "
+          "| environments per s | GFLOP per solve | peak MiB of one cost call (as timed) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     results, memory_runs = {}, []
     for name in spec.models:
         model_cfg = load_config("train", [f"model={name}", f"scale={spec.scale}"]).model  # gpu: 224-px frames
@@ -235,25 +239,30 @@ def bench_planning(cfg: DictConfig) -> None:
         samples = min(spec.cem.samples, measure.get("samples") or spec.cem.samples)
         iterations = min(spec.cem.iterations, measure.get("iterations") or spec.cem.iterations)
         scale = total / (samples * iterations)
-        for b in spec.environments:
+        for b, compiled in ((b, c) for b in spec.environments for c in spec.compile):
             generator = torch.Generator().manual_seed(0)
             frames = torch.randint(0, 256, (b, spec.context + 1, 3, model.image_size, model.image_size),
                                    dtype=torch.uint8, generator=generator).to(device)
             taken = torch.randn(b, spec.context - 1, model.codec.block_dim, generator=generator).to(device)
             planner = CEM(model.codec.block_dim, samples=samples, iterations=iterations, device=device,
                           elites=max(2, round(spec.cem.elites * samples / spec.cem.samples)))
+            plan_cost = model.plan_cost
+            if compiled:
+                torch._dynamo.reset()  # each model and batch compiles afresh, within the recompile limit
+                plan_cost = torch.compile(plan_cost, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
             def encode():
                 latents = model.encode(frames)  # context and goal, once per solve
                 return latents[:, :-1], latents[:, -1]
 
             def plan(context, goal):
-                cost = lambda plans: model.plan_cost(context, goal, plans, taken)  # noqa: E731
-                return planner.plan(cost, b, spec.horizon)
+                return planner.plan(lambda plans: plan_cost(context, goal, plans, taken), b, spec.horizon)
 
             with torch.no_grad(), autocast(device):
-                context, goal = encode()  # warm-up
-                model.plan_cost(context, goal, torch.zeros(b, 2, spec.horizon, model.codec.block_dim, device=device), taken)
+                context, goal = encode()  # warm-up; compiled: the compilation, at the shapes CEM uses
+                for _ in range(3 if compiled else 1):  # CUDA graphs are recorded on the third call
+                    plan_cost(context, goal, torch.zeros(b, samples, spec.horizon, model.codec.block_dim, device=device),
+                              taken)
                 times = []
                 for _ in range(spec.repeats):
                     _sync(device)
@@ -273,25 +282,115 @@ def bench_planning(cfg: DictConfig) -> None:
                     model.plan_cost(context, goal, plans, taken)
                 gflop = (encode_flops + flops.get_total_flops() * spec.cem.iterations * spec.cem.samples / samples) / 1e9
             timed = "whole" if scale == 1 else f"{samples} x {iterations}, scaled"
-            results[name, b] = seconds, gflop, timed, parameters
-            memory_runs.append((name, b, model, frames, plans, taken))
+            results[name, b, compiled] = seconds, gflop, timed, parameters
+            if not compiled:
+                memory_runs.append((name, b, model, frames, plans, taken))
     for name, b, model, frames, plans, taken in memory_runs:  # after all timings: measuring slows the allocator
         with torch.no_grad(), autocast(device), PeakMemory(device) as memory:
             latents = model.encode(frames)
             model.plan_cost(latents[:, :-1], latents[:, -1], plans, taken)  # one iteration's worth: a solve's peak
-        seconds, gflop, timed, parameters = results[name, b]
-        print(f"| {name} | {parameters / 1e6:.1f}M | {b} | {timed} | {1000 * seconds:.0f} | {b / seconds:.2f} | "
-              f"{gflop:.0f} | {memory.mib:.0f} |", flush=True)
-    if len(spec.models) == 2:
-        base, other = spec.models
-        print()
-        for b in spec.environments:
-            (t0, f0, *_), (t1, f1, *_) = results[base, b], results[other, b]
-            print(f"{other} / {base} with {b} environment{'s' if b > 1 else ''}: {t1 / t0:.0f}x the time per solve, "
-                  f"{f1 / f0:.0f}x the FLOPs")
+        for compiled in spec.compile:
+            seconds, gflop, timed, parameters = results[name, b, compiled]
+            print(f"| {name} | {parameters / 1e6:.1f}M | {b} | {'yes' if compiled else 'no'} | {timed} | "
+                  f"{1000 * seconds:.0f} | {b / seconds:.2f} | {gflop:.0f} | {memory.mib:.0f} |", flush=True)
+    print()
+    for b, compiled in ((b, c) for b in spec.environments for c in spec.compile):
+        label = f"with {b} environment{'s' if b > 1 else ''}{', compiled' if compiled else ''}"
+        if compiled and False in spec.compile:
+            for name in spec.models:
+                print(f"{name} {label}: {results[name, b, False][0] / results[name, b, True][0]:.2f}x faster than eager")
+        if len(spec.models) == 2:
+            (t0, f0, *_), (t1, f1, *_) = (results[name, b, compiled] for name in spec.models)
+            print(f"{spec.models[1]} / {spec.models[0]} {label}: {t1 / t0:.0f}x the time per solve, {f1 / f0:.0f}x the FLOPs")
+    return {f"{name} {b} env{' compiled' if compiled else ''}": {"ms_per_solve": 1000 * value[0], "gflop": value[1],
+                                                                 "timed_as": value[2]}
+            for (name, b, compiled), value in results.items()}
 
 
-BENCHMARKS = {"sigreg": bench_sigreg, "collect": bench_collect, "sampler": bench_sampler, "planning": bench_planning}
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by a name torch reports.
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
+               "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.2}
+
+
+def device_peak_tflops(device: torch.device, stated: float | None) -> tuple[float | None, str]:
+    """The peak that MFU divides by, and where it comes from (a value given in the config wins)."""
+    if stated is not None:
+        return stated, "train.peak_tflops"
+    if device.type != "cuda":
+        return None, "no stated peak for a CPU (pass train.peak_tflops=)"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_TFLOPS.items():  # the most specific names come first
+        if key in name:
+            return peak, f"{name}: dense bf16 data-sheet peak"
+    return None, f"{name} is not in leworld.bench.PEAK_TFLOPS (pass train.peak_tflops=)"
+
+
+def bench_train(cfg: DictConfig) -> dict:
+    """One training step as `python -m leworld.train` takes it (bf16 autocast and fused AdamW on
+    CUDA, the uint8 clips already on the device), on random frames: time does not depend on them.
+    FLOPs are counted by torch.utils.flop_counter over forward and backward (matrix products and
+    convolutions, as MFU counts them)."""
+    spec = cfg.train
+    device = pick_device(cfg.device)
+    peak, peak_source = device_peak_tflops(device, spec.peak_tflops)
+    print(f"training step: {spec.steps} timed steps after {spec.warmup} (median of {spec.repeats} rounds), "
+          f"frames at scale={spec.scale}")
+    print(f"machine: {machine_name(device)}; peak: {f'{peak:g} TFLOP/s' if peak else 'none'} ({peak_source})")
+    print(f"command: python -m leworld.bench train {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print("| model | parameters | image | batch | compiled | ms per step | clips per s | GFLOP per step | TFLOP/s | MFU |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    results = {}
+    for name in spec.models:
+        run_cfg = load_config("train", [f"model={name}", f"scale={spec.scale}"])
+        model_cfg, batch_size = run_cfg.model, spec.batch_size or run_cfg.train.batch_size
+        codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), model_cfg.frameskip)  # PushT's 2-d actions
+        generator = torch.Generator().manual_seed(0)
+        frames = model_cfg.history + 1
+        image = run_cfg.env.kwargs.image_size
+        batch = {"pixels": torch.randint(0, 256, (batch_size, frames, 3, image, image), dtype=torch.uint8,
+                                         generator=generator).to(device),
+                 "actions": torch.randn(batch_size, frames, codec.block_dim, generator=generator).to(device)}
+        for compiled in spec.compile:
+            torch.manual_seed(0)
+            model = WORLD_MODELS[model_cfg.type](model_cfg, codec)
+            opt = Optimisation.start(model, Processes(0, 1, device), run_cfg.train, total_steps=10**6)
+            net = torch.compile(opt.net) if compiled else opt.net
+
+            def step():
+                with autocast(device):
+                    loss = net(batch)["loss"]
+                opt.step(loss)
+
+            for _ in range(spec.warmup):  # compilation, autotuning, the allocator's first blocks
+                step()
+            rounds = []
+            for _ in range(spec.repeats):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(spec.steps):
+                    step()
+                _sync(device)
+                rounds.append((time.perf_counter() - start) / spec.steps)
+            seconds = statistics.median(rounds)
+            with FlopCounterMode(display=False) as counter:
+                with autocast(device):
+                    loss = opt.model(batch)["loss"]
+                loss.backward()
+            flops = counter.get_total_flops()
+            achieved = flops / seconds / 1e12
+            mfu = f"{100 * achieved / peak:.1f}%" if peak else "-"
+            parameters = sum(p.numel() for p in model.parameters())
+            print(f"| {name} | {parameters / 1e6:.1f}M | {image} | {batch_size} | {'yes' if compiled else 'no'} | "
+                  f"{1000 * seconds:.1f} | {batch_size / seconds:.0f} | {flops / 1e9:.0f} | {achieved:.2f} | {mfu} |",
+                  flush=True)
+            results[name, compiled] = {"ms_per_step": 1000 * seconds, "clips_per_s": batch_size / seconds,
+                                       "gflop_per_step": flops / 1e9, "tflops": achieved,
+                                       "mfu": achieved / peak if peak else None}
+    return {f"{name}{' compiled' if compiled else ''}": value for (name, compiled), value in results.items()}
+
+
+BENCHMARKS = {"sigreg": bench_sigreg, "collect": bench_collect, "sampler": bench_sampler, "planning": bench_planning,
+              "train": bench_train}
 
 
 def main() -> None:

@@ -213,6 +213,8 @@ def _frame_bytes(env: envs.MujocoEnv, seed: int) -> int:
 
 
 def collect(cfg: DictConfig) -> Path:
+    if cfg.workers == "auto":
+        cfg.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     check_values(cfg, {"episodes": (int, 1, None), "episode_length": (int, 1, None), "workers": (int, 1, None),
                        "expert_fraction": (float, 0, 1), "noise": (float, 0, None), "seed": (int, 0, None)})
     kwargs = env_kwargs(cfg.env)

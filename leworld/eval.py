@@ -39,8 +39,14 @@ class LatentObjective:
     world models that read proprioception; the others ignore it."""
 
     def __init__(self, model, goal_pixels: np.ndarray, device: torch.device, goal_proprio: np.ndarray | None = None,
-                 proprio_of: Callable[[np.ndarray], np.ndarray] | None = None):
+                 proprio_of: Callable[[np.ndarray], np.ndarray] | None = None, compile: bool = False):
+        """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change)."""
         self.model, self.device, self.proprio_of = model, device, proprio_of
+        self.plan_cost = model.plan_cost
+        if compile:
+            compiled = torch.compile(model.plan_cost, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            # CUDA graphs write each call's output into the same memory: a planner may keep costs longer
+            self.plan_cost = lambda *args: compiled(*args).clone()
         self.goals = self.encode(goal_pixels[:, None], None if goal_proprio is None else goal_proprio[:, None])[:, 0]
 
     @torch.no_grad()
@@ -60,7 +66,7 @@ class LatentObjective:
 
         def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
             with autocast(self.device):
-                return self.model.plan_cost(context, goal, plans, taken).float()
+                return self.plan_cost(context, goal, plans, taken).float()
 
         return cost
 
@@ -175,7 +181,7 @@ def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, plann
         else:
             objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
                                         dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
-                                        batch[0].proprio if has_proprio else None)
+                                        batch[0].proprio if has_proprio else None, protocol.compile)
         result = run_mpc(batch, objective, planner, model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,

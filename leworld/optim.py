@@ -14,28 +14,41 @@ from leworld import LeworldError
 from leworld.runtime import Processes, stop_processes
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
     """Weight decay on matrices and kernels only: biases, norms, tokens and embeddings (1-D) are
-    not shrunk toward zero."""
+    not shrunk toward zero. fused: one kernel for all parameters (CUDA), not a loop over them."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             shrink = param.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
             (decay if shrink else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_ratio: float):
-    """Learning rate rising linearly over `warmup_steps`, then a cosine down to `final_ratio`·lr."""
+class WarmupCosine:
+    """The learning-rate factor at a step: rising linearly over the first `warmup` fraction of
+    `total_steps`, then a cosine down to `final_ratio`. A callable object rather than a closure so
+    that a time-budgeted run can resize it once it knows its speed, and so that LambdaLR saves
+    its sizes with the checkpoint."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __init__(self, total_steps: int, warmup: float, final_ratio: float):
+        self.warmup, self.final_ratio = warmup, final_ratio
+        self.resize(total_steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def resize(self, total_steps: int) -> None:
+        self.total_steps, self.warmup_steps = total_steps, int(self.warmup * total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, final_ratio: float):
+    """LambdaLR over WarmupCosine: `warmup` is the fraction of the steps that warm up."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup, final_ratio))
 
 
 @dataclass
@@ -56,8 +69,8 @@ class Optimisation:
         if procs.world_size > 1 and procs.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
         net = DistributedDataParallel(model) if procs.world_size > 1 else model
-        optimizer = adamw(model, train.lr, train.weight_decay)
-        schedule = warmup_cosine(optimizer, total_steps, int(train.warmup * total_steps), train.final_lr_ratio)
+        optimizer = adamw(model, train.lr, train.weight_decay, fused=procs.device.type == "cuda")
+        schedule = warmup_cosine(optimizer, total_steps, train.warmup, train.final_lr_ratio)
         return cls(model, net, optimizer, schedule, train.grad_clip)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -68,6 +81,10 @@ class Optimisation:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.schedule.step()
+
+    def resize(self, total_steps: int) -> None:
+        """A new length for the schedule (a time-budgeted run that has measured its speed)."""
+        self.schedule.lr_lambdas[0].resize(total_steps)
 
     @property
     def lr(self) -> float:

@@ -224,7 +224,10 @@ class RunLog:
         self.console = open(run_dir / "console.log", "a")
         self.metrics = open(metrics_file, "a")
         if cfg.logger.name == "wandb":
-            import wandb  # imported here: it takes a second and most runs do not need it
+            try:
+                import wandb  # imported here: it takes a second and most runs do not need it
+            except ImportError:
+                raise LeworldError("logger=wandb but wandb is not installed; pass logger=none or pip install wandb") from None
 
             self.wandb = wandb.init(
                 project=cfg.logger.project,

@@ -43,6 +43,7 @@ RULES = {"train.epochs": (float, 1e-9, None), "train.batch_size": (int, 1, None)
          "train.log_every": (int, 1, None), "train.val_every": (int, 1, None), "train.val_batches": (int, 1, None),
          "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 0, 0.99),
          "seed": (int, 0, None), **PROBE_RULES}
+OPTIONAL_RULES = {"train.minutes": (float, 0.01, None)}
 
 
 # ---- before training: the run's settings, its data and its model -----------------------------
@@ -90,6 +91,7 @@ def check_config(cfg: DictConfig) -> None:
         raise LeworldError("data.val_fraction=0 holds no episode out, but validation, probes and planning tasks need "
                            "episodes the model never trained on; use e.g. data.val_fraction=0.1")
     check_values(cfg, RULES)
+    check_values(cfg, {key: rule for key, rule in OPTIONAL_RULES.items() if OmegaConf.select(cfg, key) is not None})
     if cfg.model.type == "lewm":
         check_values(cfg, {"model.predictor.rollout_steps": (int, 1, None)})
     check_protocol(cfg)
@@ -293,7 +295,11 @@ def train(cfg: DictConfig) -> dict:
         raise LeworldError(f"{len(train_clips)} training clips make no batch of {cfg.train.batch_size} x "
                            f"{procs.world_size} processes; lower train.batch_size or collect more episodes")
     total_steps = max(1, int(np.ceil(cfg.train.epochs * per_epoch)))
+    if cfg.train.minutes is not None and resume_from is None:  # until its speed is measured
+        total_steps = max(total_steps, TimeBudget.warm_steps + TimeBudget.timed_steps + 1)
     opt = Optimisation.start(model, procs, cfg.train, total_steps)
+    if cfg.train.compile:
+        opt.net = torch.compile(opt.net)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": total_steps}
     if resume_from is not None:
         load_weights(opt.model, select(resume_from.tensors, "model"), resume_from.path)
@@ -312,8 +318,7 @@ def train(cfg: DictConfig) -> dict:
                   f"model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, on {device}"
                   f"{f' x {procs.world_size}' if procs.world_size > 1 else ''}; {dataset.path}: {len(train_episodes)} "
                   f"training / {len(held_out)} held-out episodes, {len(train_clips)} clips of {frames} frames every "
-                  f"{model.frameskip} steps; {total_steps} steps ({cfg.train.epochs} epochs of {per_epoch}); run "
-                  f"folder {run_dir}")
+                  f"{model.frameskip} steps; {sizing(cfg, total_steps, per_epoch, resume_from)}; run folder {run_dir}")
         val_batches = held_out_batches(val_clips, cfg.train.val_batches, cfg.train.batch_size, cfg.seed)
         results = training_loop(opt, cfg, procs, train_clips, val_batches, position, run_dir, log)
     except BaseException:
@@ -328,6 +333,44 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
+def sizing(cfg: DictConfig, total_steps: int, per_epoch: int, resume_from: Checkpoint | None) -> str:
+    if cfg.train.minutes is None or resume_from is not None:
+        return f"{total_steps} steps ({total_steps / per_epoch:.3g} epochs of {per_epoch})"
+    first, last = TimeBudget.warm_steps + 1, TimeBudget.warm_steps + TimeBudget.timed_steps
+    return f"as many steps as fit in {cfg.train.minutes:g} minutes (sized from the speed of steps {first}-{last})"
+
+
+class TimeBudget:
+    """train.minutes: how many steps fit, from the speed measured over the run's first steps (after
+    `warm_steps`, which pay for compilation and autotuning), measured again at each validation of
+    the first half of the run (validations and checkpoints then count), so that the run ends on
+    time with its learning-rate schedule finished. Under torchrun the first process decides."""
+    warm_steps, timed_steps = 5, 20
+
+    def __init__(self, minutes: float, procs: Processes):
+        self.seconds, self.procs = 60 * minutes, procs
+        self.started, self.timed_from = time.perf_counter(), None
+
+    def total_steps(self, step: int, total_steps: int, validating: bool) -> int | None:
+        """The new total at this step, or None when it is not the time to measure."""
+        first = step == self.warm_steps + self.timed_steps
+        again = validating and self.warm_steps + self.timed_steps < step < total_steps // 2
+        if not (first or again or step == self.warm_steps):
+            return None
+        if self.procs.device.type == "cuda":
+            torch.cuda.synchronize()  # the steps queued so far, done
+        now = time.perf_counter()
+        if step == self.warm_steps:
+            self.timed_from = now
+            return None
+        seconds_per_step = (now - self.timed_from) / (step - self.warm_steps)
+        total = torch.tensor(step + max(1, int((self.seconds - (now - self.started)) / seconds_per_step)))
+        if self.procs.world_size > 1:
+            total = total.to(self.procs.device)
+            dist.broadcast(total, 0)
+        return int(total)
+
+
 def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_clips: ClipSampler,
                   val_batches: list[dict], position: dict, run_dir: Path | None, log: RunLog) -> dict:
     """Train from `position` to its total_steps, validating and saving as configured."""
@@ -335,6 +378,7 @@ def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_cl
     step, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
     sums, window, first_loss, metrics, saved_at = {}, 0, None, {}, step  # sums: loss terms since the last log
     start, start_step = time.perf_counter(), step
+    budget = TimeBudget(cfg.train.minutes, procs) if cfg.train.minutes is not None and step == 0 else None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not procs.is_main, dynamic_ncols=True)
     try:
         while step < total_steps:
@@ -348,7 +392,14 @@ def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_cl
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value.detach()
                 bar.update()
-                validating = step % cfg.train.val_every == 0 or step == total_steps
+                validating = step % cfg.train.val_every == 0
+                resized = budget.total_steps(step, total_steps, validating) if budget else None
+                if resized is not None:
+                    if step == budget.warm_steps + budget.timed_steps:
+                        log.print(f"{cfg.train.minutes:g} minutes fit {resized} steps at this speed")
+                    total_steps = bar.total = resized
+                    opt.resize(total_steps)
+                validating = validating or step == total_steps
                 saving = step % cfg.train.save_every == 0 or step == total_steps
                 if validating or saving:
                     recalibrate_batchnorm(opt.model, train_clips, cfg.train.bn_batches, cfg.train.batch_size, cfg.seed,

@@ -112,6 +112,16 @@ def test_latent_objective_encodes_context_and_goal_once_per_solve(trained):
     assert torch.allclose(cost(plans)[:, 0], (final - goal).square().sum(-1), rtol=1e-4)
 
 
+def test_a_compiled_planning_cost_gives_the_eager_costs(trained):
+    model = LeWorldModel.from_checkpoint(trained[0]).eval().requires_grad_(False)
+    pixels = open_dataset(model).tensors["pixels"][:8].numpy()
+    observed, chunks, index = {"pixels": np.stack([pixels[:3], pixels[3:6]])}, torch.zeros(2, 2, 4), np.array([0, 1])
+    eager = LatentObjective(model, pixels[:2], torch.device("cpu")).cost_fn(observed, chunks, index)
+    compiled = LatentObjective(model, pixels[:2], torch.device("cpu"), compile=True).cost_fn(observed, chunks, index)
+    plans = torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(compiled(plans), eager(plans), rtol=1e-4, atol=1e-5)
+
+
 def test_tasks_stay_inside_held_out_episodes(trained):
     model = load_world_model(trained[0])
     dataset = open_dataset(model)

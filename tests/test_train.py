@@ -49,6 +49,23 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert cells["clips seen"] == [f"{rows[-1]['step'] * 32 / 1000:.0f}k ({rows[-1]['step']} steps)"]
 
 
+def test_a_time_budget_sizes_the_run_from_its_speed_and_finishes_its_schedule(data_path, tmp_path, trained):
+    run_dir = tmp_path / "budget"
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=1000", "train.minutes=0.1",
+               "probe_after_training=false", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fit = re.search(r"0.1 minutes fit (\d+) steps at this speed", done.stdout)
+    assert fit, done.stdout
+    ckpt = load_checkpoint(run_dir)
+    steps = ckpt.info["step"]
+    assert steps == ckpt.info["total_steps"] > 25  # past the steps that measured the speed, short of 1000 epochs
+    schedule = ckpt.info["schedule"]["lr_lambdas"][0]
+    assert schedule["total_steps"] == steps and schedule["warmup_steps"] == int(0.05 * steps)  # saved for a resume
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == steps and last["lr"] == pytest.approx(2e-3 * 0.01)  # the cosine ran to its end
+    assert "as many steps as fit in 0.1 minutes" in done.stdout
+
+
 def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
     recipe = yaml.safe_load((CONFIG_DIR / "recipe" / "lewm_cpu" / "reacher.yaml").read_text())
     preset = yaml.safe_load((CONFIG_DIR / "model" / "lewm_cpu.yaml").read_text())

@@ -113,13 +113,20 @@ class SIGReg(nn.Module):
         a = torch.randn(dim, self.num_slices, generator=generator, device=device)
         return a / a.norm(dim=0, keepdim=True)
 
+    @torch.compiler.disable
+    def _next_directions(self, dim: int, device) -> Tensor:
+        """This step's directions, then the step advanced (training). Left out of torch.compile:
+        the step is a Python int that changes every call, which would recompile every step."""
+        directions = self.directions(dim, device)
+        if self.training:
+            self._step += 1
+            self.step.fill_(self._step)
+        return directions
+
     def forward(self, z: Tensor) -> Tensor:
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(torch.promote_types(z.dtype, torch.float32))  # (..., N, D)
-            slices = z @ self.directions(z.shape[-1], z.device).to(z.dtype)  # (..., N, M)
-            if self.training:
-                self._step += 1
-                self.step.fill_(self._step)
+            slices = z @ self._next_directions(z.shape[-1], z.device).to(z.dtype)  # (..., N, M)
             return epps_pulley(slices, self.knots, self.t_max).mean()
 
     def extra_repr(self) -> str:

@@ -237,3 +237,18 @@ def test_exact_under_data_parallelism(tmp_path, rows):
     # divides that back, which is what makes the update exact.
     local_grads = torch.cat([out[0]["z_grad"], out[1]["z_grad"]]) / 2
     torch.testing.assert_close(local_grads, z.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_training_step_draws_new_directions_without_recompiling():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    sigreg = SIGReg(num_slices=8).train()
+    eager = SIGReg(num_slices=8).train()
+    compiled = torch.compile(lambda z: sigreg(z).square())
+    z = torch.randn(32, 4)
+    compiled(z)  # compiles
+    eager(z)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile at any later step fails here
+        for _ in range(3):
+            assert torch.allclose(compiled(z), eager(z).square(), rtol=1e-5)
+    assert sigreg._step == eager._step == 4 and int(sigreg.step) == 4

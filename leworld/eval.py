@@ -181,7 +181,7 @@ def evaluate(model: WorldModel, dataset: EpisodeDataset, rows: np.ndarray, plann
         else:
             objective = LatentObjective(model, pixels[goal_rows].numpy(), device,
                                         dataset.tensors["proprio"][goal_rows].numpy() if has_proprio else None,
-                                        batch[0].proprio if has_proprio else None, protocol.compile)
+                                        batch[0].proprio if has_proprio else None, protocol.get("compile", False))
         result = run_mpc(batch, objective, planner, model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,

@@ -10,7 +10,7 @@ The stages, each the verb a user would run, with the overrides of configs/result
 
 summary.json in `out` is rewritten after every stage, so a run cut short keeps what it finished;
 console.log holds everything printed. A stage that fails is recorded with its error and the next
-one still runs: a GPU hour is too rare to lose the benchmarks to a failed training run.
+one still runs: GPU time is too rare to lose the benchmarks to a failed training run.
 """
 
 import json
@@ -20,7 +20,6 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from leworld import LeworldError

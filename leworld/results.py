@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from leworld import LeworldError
 from leworld.bench import bench_planning, bench_train, machine_name
 from leworld.collect import collect, unfinished_collection
-from leworld.runtime import check_values, load_config, pick_device, run_main
+from leworld.runtime import check_values, load_config, pick_device, require, run_main
 from leworld.train import collect_config, train
 
 
@@ -62,17 +62,18 @@ def output_folder(path: str) -> Path:
 
 
 def results_run(cfg: DictConfig) -> dict:
+    out_path = require(cfg, "out", "out=<folder> is needed: the new or empty folder for summary.json and console.log")
     check_values(cfg, {"minutes": (float, 0.01, None)})
     if cfg.size not in cfg.sizes:
         raise LeworldError(f"size={cfg.size} is not one of: {', '.join(cfg.sizes)}")
     stages = cfg.sizes[cfg.size]
     train_args = [*stages.train, f"train.minutes={cfg.minutes}", f"device={cfg.device}", "logger=none",
-                  f"run_dir={Path(cfg.out) / 'train'}"]
+                  f"run_dir={Path(out_path) / 'train'}"]
     train_cfg = load_config("train", train_args)  # a bad override fails here, before anything is made
     bench_args = {name: [*stages[name], f"device={cfg.device}"]
                   for name in ("bench_train", "bench_planning", "bench_planning_compiled") if stages[name]}
     bench_cfgs = {name: load_config("bench", args) for name, args in bench_args.items()}
-    out = output_folder(cfg.out)
+    out = output_folder(out_path)
     summary = {"command": "python -m leworld.results " + " ".join(sys.argv[1:]), "size": cfg.size,
                "minutes": cfg.minutes, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine_name(pick_device(cfg.device)), "overrides": OmegaConf.to_container(stages), "stages": {}}

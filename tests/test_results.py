@@ -35,7 +35,10 @@ def test_the_results_run_runs_every_stage_and_writes_its_summary(tmp_path):
     assert (out / "summary.json").read_text() == before
 
 
-def test_a_size_that_does_not_exist_is_one_line(tmp_path):
+def test_a_missing_folder_or_a_size_that_does_not_exist_is_one_line(tmp_path):
     done = run("results", f"out={tmp_path / 'r'}", "size=huge", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == "error: size=huge is not one of: fast, paper, smoke"
     assert not (tmp_path / "r").exists()
+    done = run("results", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: out=<folder> is needed: the new or empty folder for summary.json and console.log")

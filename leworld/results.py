@@ -79,6 +79,9 @@ def results_run(cfg: DictConfig) -> dict:
                "machine": machine_name(pick_device(cfg.device)), "overrides": OmegaConf.to_container(stages), "stages": {}}
     failed = []
 
+    def write_summary() -> None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
     def stage(name: str, work, argv: list[str]) -> None:
         print(f"\n==== {name}: python -m {' '.join(argv)} ====", flush=True)
         start, argv_before = time.perf_counter(), sys.argv
@@ -92,7 +95,7 @@ def results_run(cfg: DictConfig) -> dict:
         finally:
             sys.argv = argv_before
         summary["stages"][name] = {"seconds": round(time.perf_counter() - start, 1), **result}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_summary()
 
     log = open(out / "console.log", "a")
     stdout, stderr = sys.stdout, sys.stderr
@@ -109,7 +112,7 @@ def results_run(cfg: DictConfig) -> dict:
             if name in bench_cfgs:
                 stage(name, lambda: bench(bench_cfgs[name]), ["leworld.bench", name.split("_")[1], *bench_args[name]])
         summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_summary()
         print(f"\nresults in {out}: summary.json, console.log"
               + (f"; failed stages: {', '.join(failed)}" if failed else ""))
     finally:

@@ -43,7 +43,6 @@ RULES = {"train.epochs": (float, 1e-9, None), "train.batch_size": (int, 1, None)
          "train.log_every": (int, 1, None), "train.val_every": (int, 1, None), "train.val_batches": (int, 1, None),
          "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 0, 0.99),
          "seed": (int, 0, None), **PROBE_RULES}
-OPTIONAL_RULES = {"train.minutes": (float, 0.01, None)}
 
 
 # ---- before training: the run's settings, its data and its model -----------------------------
@@ -91,7 +90,8 @@ def check_config(cfg: DictConfig) -> None:
         raise LeworldError("data.val_fraction=0 holds no episode out, but validation, probes and planning tasks need "
                            "episodes the model never trained on; use e.g. data.val_fraction=0.1")
     check_values(cfg, RULES)
-    check_values(cfg, {key: rule for key, rule in OPTIONAL_RULES.items() if OmegaConf.select(cfg, key) is not None})
+    if cfg.train.minutes is not None:
+        check_values(cfg, {"train.minutes": (float, 0.01, None)})
     if cfg.model.type == "lewm":
         check_values(cfg, {"model.predictor.rollout_steps": (int, 1, None)})
     check_protocol(cfg)

@@ -12,13 +12,17 @@ import gymnasium as gym
 import numpy as np
 
 from envs.base import EnvError, MujocoEnv, RandomPolicy
+from envs.cube import CubeEnv, CubeExpert, CubeExplorer
 from envs.pusht import PushTEnv, PushTExpert
 from envs.reacher import ReacherEnv, ReacherExpert
 from envs.tworoom import TwoRoomEnv, TwoRoomExpert
 
-ENVS = {"pusht": PushTEnv, "tworoom": TwoRoomEnv, "reacher": ReacherEnv}
-EXPERTS = {"pusht": PushTExpert, "tworoom": TwoRoomExpert, "reacher": ReacherExpert}
-IDS = {"pusht": "leworld/PushT-v0", "tworoom": "leworld/TwoRoom-v0", "reacher": "leworld/Reacher-v0"}
+ENVS = {"pusht": PushTEnv, "tworoom": TwoRoomEnv, "reacher": ReacherEnv, "cube": CubeEnv}
+EXPERTS = {"pusht": PushTExpert, "tworoom": TwoRoomExpert, "reacher": ReacherExpert, "cube": CubeExpert}
+# exploration where random actions would seldom touch what matters (the others explore at random)
+EXPLORERS = {"cube": CubeExplorer}
+IDS = {"pusht": "leworld/PushT-v0", "tworoom": "leworld/TwoRoom-v0", "reacher": "leworld/Reacher-v0",
+       "cube": "leworld/Cube-v0"}
 
 for _name, _id in IDS.items():
     if _id not in gym.registry:
@@ -26,7 +30,7 @@ for _name, _id in IDS.items():
 
 
 def make(name: str, **kwargs) -> MujocoEnv:
-    """An environment by short name (pusht, tworoom, reacher) without gymnasium's wrappers."""
+    """An environment by short name (pusht, tworoom, reacher, cube) without gymnasium's wrappers."""
     if name not in ENVS:
         raise EnvError(f"unknown environment {name!r}; choose one of: {', '.join(ENVS)}")
     return ENVS[name](**kwargs)
@@ -34,8 +38,10 @@ def make(name: str, **kwargs) -> MujocoEnv:
 
 def make_policy(name: str, env: MujocoEnv, rng: np.random.Generator, expert: bool, noise: float = 0.1):
     """The scripted expert of an environment (with Gaussian action noise `noise`), or exploration."""
-    return EXPERTS[name](rng, noise=noise) if expert else RandomPolicy(rng, env.action_space)
+    if expert:
+        return EXPERTS[name](rng, noise=noise)
+    return EXPLORERS[name](rng) if name in EXPLORERS else RandomPolicy(rng, env.action_space)
 
 
-__all__ = ["ENVS", "EXPERTS", "IDS", "EnvError", "MujocoEnv", "RandomPolicy", "make", "make_policy",
-           "PushTEnv", "TwoRoomEnv", "ReacherEnv"]
+__all__ = ["ENVS", "EXPERTS", "EXPLORERS", "IDS", "EnvError", "MujocoEnv", "RandomPolicy", "make", "make_policy",
+           "PushTEnv", "TwoRoomEnv", "ReacherEnv", "CubeEnv"]

@@ -68,7 +68,7 @@ def arena_xml(centre: float, half: float, wall: float = 0.0) -> str:
 class MujocoEnv(gym.Env):
     """Base class. A subclass sets `state_scale` (or leaves it 1) and provides:
 
-        xml()                      the MJCF model, with a camera named "top"
+        xml()                      the MJCF model, with the camera named by `camera` ("top")
         sample_state(rng)          an initial physical state for a plain reset
         apply_action(action)       set controls from a checked action (before the physics steps)
         success(state, goal)       a pure function of two states
@@ -83,6 +83,7 @@ class MujocoEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
     state_names: list[str] = []  # one per state entry, for tables and probes
     angle_dims: tuple[int, ...] = ()  # entries that are angles
+    camera = "top"  # the camera that renders observations
     physics_dt = 0.01
     physics_steps = 10  # physics steps per env step (per action)
 
@@ -173,7 +174,7 @@ class MujocoEnv(gym.Env):
     # ---- pixels -----------------------------------------------------------------------------
 
     def render(self) -> np.ndarray:
-        """The current frame from the top camera: uint8 (image_size, image_size, 3)."""
+        """The current frame from the env's camera: uint8 (image_size, image_size, 3)."""
         if self._renderer is None:
             try:
                 self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
@@ -182,7 +183,7 @@ class MujocoEnv(gym.Env):
                     f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({err}); use "
                     "MUJOCO_GL=egl (needs libEGL, libegl1 on Debian) or MUJOCO_GL=osmesa (needs libOSMesa, libosmesa6)"
                 ) from None
-        self._renderer.update_scene(self.data, camera="top")
+        self._renderer.update_scene(self.data, camera=self.camera)
         return self._renderer.render()
 
     def close(self) -> None:

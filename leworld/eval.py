@@ -110,7 +110,7 @@ class Oracle:
         """The oracle of cfg.env and its dataset (data_path, default model.data), with the action
         codec and held-out episodes a training run with model.val_fraction and model.split_seed makes."""
         if OmegaConf.select(cfg, "env.name") is None:
-            raise LeworldError("model=oracle needs env=<pusht|tworoom|reacher>")
+            raise LeworldError(f"model=oracle needs env=<{'|'.join(envs.ENVS)}>")
         env = EnvSpec(cfg.env.name, OmegaConf.to_container(cfg.env.kwargs, resolve=True))
         dataset = EpisodeDataset.open(cfg.data_path or cfg.model.data)
         if dataset.meta["env"]["name"] != env.name:

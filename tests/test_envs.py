@@ -11,6 +11,7 @@ import pytest
 import envs
 from envs import EnvError
 from envs.base import wrap_angle
+from envs.cube import HALF, UNIT
 from envs.pusht import AGENT_RADIUS, distance_to_t
 from envs.reacher import ELBOW_LIMIT
 from envs.tworoom import SUCCESS_DISTANCE, WALL_X
@@ -99,6 +100,44 @@ def test_reacher_torque_turns_the_joints_within_limits():
 # ---- determinism and state round trips -------------------------------------------------------
 
 
+def cube_state(gripper, cube, opening=4.5):
+    """Gripper (x, y, z) and cube (x, y, z) in cm, both fingers `opening` cm out, at rest."""
+    return np.array([*gripper, opening, opening, *cube, 1, 0, 0, 0, *np.zeros(11)], dtype=float)
+
+
+def move_gripper(env, info, target, grip, steps):
+    for _ in range(steps):
+        move = np.clip((np.asarray(target) - info["state"][:3]) / 3.0, -1, 1)
+        _, _, _, _, info = env.step(np.array([*move, grip]))
+    return info
+
+
+def test_cube_is_grasped_lifted_carried_and_falls_when_released():
+    env = envs.make("cube", image_size=16)
+    rest = HALF * UNIT
+    _, info = env.reset(options={"state": cube_state((5, 5, 10), (5, 5, rest))})
+    info = move_gripper(env, info, (5, 5, 10), -1, 3)
+    np.testing.assert_allclose(info["state"][5:8], [5, 5, rest], atol=0.05)  # resting: it neither sinks nor slides
+    info = move_gripper(env, info, (5, 5, 1.5), -1, 10)  # down around it, open
+    info = move_gripper(env, info, (5, 5, 1.5), 1, 6)  # close
+    assert abs(info["state"][3] - rest) < 0.3 and abs(info["state"][4] - rest) < 0.3  # both fingers on its faces
+    info = move_gripper(env, info, (-5, 0, 15), 1, 20)  # lift and carry
+    assert info["state"][7] > 12 and np.linalg.norm(info["state"][5:7] - [-5, 0]) < 1  # held up there
+    info = move_gripper(env, info, (-5, 0, 15), -1, 15)  # open: it drops to the table and stays
+    np.testing.assert_allclose(info["state"][5:8], [-5, 0, rest], atol=0.5)
+    assert info["state"][2] > 14  # the gripper stayed up
+    np.testing.assert_allclose(info["proprio"], [*info["state"][:3], info["state"][3] + info["state"][4]])
+
+
+def test_cube_gripper_stays_above_the_table_and_pushes_the_cube():
+    env = envs.make("cube", image_size=16)
+    _, info = env.reset(options={"state": cube_state((-10, 0, 1.0), (0, 0, HALF * UNIT))})
+    info = move_gripper(env, info, (-10, 0, -5), -1, 5)
+    assert info["state"][2] >= 0.4  # the z range ends 5 mm above the table
+    info = move_gripper(env, info, (6, 0, 1.0), 1, 15)  # sweep right, closed, through the cube
+    assert info["state"][5] > 2 and info["state"][7] < HALF * UNIT + 1  # pushed along the table
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_seeded_resets_and_rollouts_are_deterministic(name):
     def rollout(seed):
@@ -107,7 +146,7 @@ def test_seeded_resets_and_rollouts_are_deterministic(name):
         rng = np.random.default_rng(0)
         frames, states = [obs], [info["state"]]
         for _ in range(10):
-            obs, _, _, _, info = env.step(rng.uniform(-1, 1, size=2))
+            obs, _, _, _, info = env.step(rng.uniform(-1, 1, size=env.action_space.shape))
             frames.append(obs)
             states.append(info["state"])
         return np.stack(frames), np.stack(states)
@@ -131,7 +170,7 @@ def test_reset_to_a_recorded_state_renders_the_recorded_frame(name):
     assert np.array_equal(restored, frame)
     np.testing.assert_array_equal(restored_info["state"], state)
     # and the next step continues alike from the restored state
-    action = np.array([0.3, -0.2])
+    action = np.resize([0.3, -0.2], env.action_space.shape)
     np.testing.assert_allclose(other.step(action)[4]["state"], env.step(action)[4]["state"], atol=1e-6)
 
 
@@ -162,6 +201,14 @@ def test_tworoom_and_reacher_success():
     assert reacher.success(np.array([-np.pi + 0.02, 0.54, 1, 1]), goal)  # shoulder wraps around
     assert not reacher.success(np.array([np.pi - 0.02, 0.56, 0, 0]), goal)
     assert not reacher.success(np.array([np.pi - 0.08, 0.5, 0, 0]), goal)
+
+
+def test_cube_success_is_the_cube_within_4_cm():
+    cube = envs.make("cube", image_size=16)
+    goal = cube_state((0, 0, 10), (5, 5, 2))
+    assert cube.success(cube_state((10, -10, 3), (5, 8.9, 2)), goal)  # the gripper does not count
+    assert not cube.success(cube_state((0, 0, 10), (5, 5, 6.1)), goal)  # 4.1 cm above
+    assert cube.distance(cube_state((0, 0, 10), (8, 9, 2)), goal) == pytest.approx(5.0)
 
 
 def test_success_is_reported_against_the_goal_given_at_reset():
@@ -225,6 +272,36 @@ def test_tworoom_expert_crosses_between_rooms():
     assert crossings >= 3
 
 
+def cube_rollouts(policy: str, episodes: int = 6, steps: int = 100) -> dict:
+    """Per episode: how far the cube got from where it started (cm) and how high it went."""
+    env = envs.make("cube", image_size=16)
+    moved, height = [], []
+    for i in range(episodes):
+        _, info = env.reset(seed=i)
+        rng = np.random.default_rng(i)
+        behaviour = (envs.RandomPolicy(rng, env.action_space) if policy == "random"
+                     else envs.make_policy("cube", env, rng, expert=policy == "expert"))
+        behaviour.reset(info["state"])
+        start, states = info["state"], []
+        for _ in range(steps):
+            _, _, _, _, info = env.step(behaviour(info["state"]))
+            states.append(info["state"])
+        states = np.array(states)
+        moved.append(np.linalg.norm(states[:, 5:7] - start[5:7], axis=1).max())
+        height.append(states[:, 7].max())
+    return {"moved": np.array(moved), "height": np.array(height)}
+
+
+def test_cube_expert_picks_and_places_and_exploration_touches_the_cube_more_than_random():
+    lifted = HALF * UNIT + 3  # cm: the cube's centre 3 cm above its resting height
+    expert, explorer, random = cube_rollouts("expert"), cube_rollouts("explorer"), cube_rollouts("random")
+    # measured over 20 episodes: the expert lifts the cube in all, the explorer moves it in 70%
+    # (lifts it in none), random actions move it in none
+    assert (expert["height"] > lifted).mean() >= 0.8 and (expert["moved"] > 5).mean() >= 0.8
+    assert (explorer["moved"] > 2).mean() >= 0.3
+    assert (random["moved"] > 2).mean() < (explorer["moved"] > 2).mean() and (random["height"] > lifted).sum() == 0
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -237,8 +314,8 @@ def test_bad_actions_states_and_names():
         env.step(np.array([np.nan, 0.0]))
     with pytest.raises(EnvError, match="10 finite numbers"):
         env.reset(options={"state": np.zeros(4)})
-    with pytest.raises(EnvError, match="unknown environment 'cube'"):
-        envs.make("cube")
+    with pytest.raises(EnvError, match="unknown environment 'ant'"):
+        envs.make("ant")
     with pytest.raises(EnvError, match="image_size"):
         envs.make("pusht", image_size=2)
 

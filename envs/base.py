@@ -107,6 +107,20 @@ class MujocoEnv(gym.Env):
     def proprio(self, state: np.ndarray) -> np.ndarray | None:
         return None
 
+    @classmethod
+    def probe_targets(cls, states: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """What a linear probe of the latents regresses, from states (N, S): every entry, angles
+        as their cosine and sine -> (N, K) targets and their K names."""
+        columns, names = [], []
+        for i, name in enumerate(cls.state_names):
+            if i in cls.angle_dims:
+                columns += [np.cos(states[:, i]), np.sin(states[:, i])]
+                names += [f"{name}.cos", f"{name}.sin"]
+            else:
+                columns.append(states[:, i])
+                names.append(name)
+        return np.stack(columns, 1), names
+
     # ---- state ------------------------------------------------------------------------------
 
     def get_state(self) -> np.ndarray:

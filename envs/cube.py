@@ -118,6 +118,33 @@ class CubeEnv(MujocoEnv):
         """How far the cube's centre is from the goal's, cm."""
         return float(np.linalg.norm(np.asarray(state)[5:8] - np.asarray(goal)[5:8]))
 
+    def goal_cost(self, state: np.ndarray, goal: np.ndarray) -> float:
+        """The cube's error over its threshold, plus a tenth of the gripper's distance to the cube
+        over the same: only the gripper moves the cube, and a plan that moves neither would
+        otherwise score the same as one that reaches for it."""
+        state = np.asarray(state)
+        reach = np.linalg.norm(state[:3] - state[5:8])
+        return (self.distance(state, goal) + 0.1 * reach) / SUCCESS_DISTANCE
+
+    @classmethod
+    def probe_targets(cls, states: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Every entry but the quaternion, whose components a linear probe cannot score (q and −q
+        are one pose; a cube at rest keeps three of them near constant), and in its place what a
+        frame shows of the cube's pose: its tilt (the angle of its most upright face normal from
+        vertical) and its yaw, as cos and sin of 4 × yaw since a square face repeats every 90°."""
+        w, x, y, z = states[:, 8:12].T
+        # rows of the rotation matrix: the world x, y, z components of the cube's three axes, (N, 3) each
+        axes_x = np.stack([1 - 2 * (y**2 + z**2), 2 * (x * y - w * z), 2 * (x * z + w * y)], 1)
+        axes_y = np.stack([2 * (x * y + w * z), 1 - 2 * (x**2 + z**2), 2 * (y * z - w * x)], 1)
+        axes_z = np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x**2 + y**2)], 1)
+        tilt = np.arccos(np.clip(np.abs(axes_z).max(1), -1, 1))
+        flat = np.abs(axes_z).argmin(1)  # the most horizontal of the cube's axes
+        rows = np.arange(len(states))
+        yaw4 = 4 * np.arctan2(axes_y[rows, flat], axes_x[rows, flat])
+        keep = [i for i, name in enumerate(cls.state_names) if not name.startswith("cube_q")]
+        targets = np.concatenate([states[:, keep], np.stack([tilt, np.cos(yaw4), np.sin(yaw4)], 1)], 1)
+        return targets, [cls.state_names[i] for i in keep] + ["cube_tilt", "cube_yaw4.cos", "cube_yaw4.sin"]
+
     def proprio(self, state: np.ndarray) -> np.ndarray:
         return np.concatenate([state[:3], [state[3] + state[4]]])
 

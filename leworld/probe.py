@@ -90,19 +90,6 @@ def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, rid
     return 1 - residual / ((val_y - val_y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
 
 
-def state_targets(state: Tensor, names: list[str], angle_dims: tuple[int, ...]) -> tuple[Tensor, list[str]]:
-    """State (N, S) -> regression targets, angles as their cosine and sine, and their names."""
-    columns, labels = [], []
-    for i, name in enumerate(names):
-        if i in angle_dims:
-            columns += [state[:, i].cos(), state[:, i].sin()]
-            labels += [f"{name}.cos", f"{name}.sin"]
-        else:
-            columns.append(state[:, i])
-            labels.append(name)
-    return torch.stack(columns, 1), labels
-
-
 @torch.no_grad()
 def encode_frames(model, dataset, episodes: np.ndarray, limit: int, device: torch.device, seed: int,
                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
@@ -162,9 +149,10 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     for name, net in [("trained", model), ("random_init", untrained)]:
         train_x, train_state = encode_frames(net, dataset, train_episodes, spec.frames, device, seed)
         val_x, val_state = encode_frames(net, dataset, val_episodes, spec.frames, device, seed + 1)
-        train_y, labels = state_targets(train_state.double(), env_class.state_names, env_class.angle_dims)
-        val_y, _ = state_targets(val_state.double(), env_class.state_names, env_class.angle_dims)
-        r2[name] = dict(zip(labels, ridge_r2(train_x.double(), train_y, val_x.double(), val_y, spec.ridge).tolist()))
+        train_y, labels = env_class.probe_targets(train_state.double().numpy())
+        val_y, _ = env_class.probe_targets(val_state.double().numpy())
+        fit = ridge_r2(train_x.double(), torch.from_numpy(train_y), val_x.double(), torch.from_numpy(val_y), spec.ridge)
+        r2[name] = dict(zip(labels, fit.tolist()))
     errors = rollout_errors(model, dataset, val_episodes, spec.clips, spec.horizon, device, seed)
     results = {"r2": r2, "rollout": errors, "frames": {"train": len(train_x), "held_out": len(val_x)}}
 

@@ -211,6 +211,27 @@ def test_cube_success_is_the_cube_within_4_cm():
     assert cube.distance(cube_state((0, 0, 10), (8, 9, 2)), goal) == pytest.approx(5.0)
 
 
+def test_cube_probe_reads_its_pose_as_tilt_and_yaw_not_quaternion_components():
+    def posed(axis, angle):  # the cube turned by `angle` about a world axis
+        state = cube_state((0, 0, 10), (0, 0, 2))
+        state[8:12] = [np.cos(angle / 2), *(np.sin(angle / 2) * np.asarray(axis, dtype=float))]
+        return state
+
+    states = np.stack([posed((0, 0, 1), 0.3), posed((0, 0, 1), 0.3 + np.pi / 2), posed((0, 0, 1), 0.3 + np.pi),
+                       posed((1, 0, 0), np.pi / 2), posed((1, 0, 0), np.pi / 6), posed((0, 0, 1), 0.3)])
+    states[5, 8:12] *= -1  # −q: the same pose
+    targets, names = envs.CubeEnv.probe_targets(states)
+    assert targets.shape == (6, len(names)) and not [n for n in names if n.startswith("cube_q")]
+    tilt, cos4, sin4 = (targets[:, names.index(n)] for n in ("cube_tilt", "cube_yaw4.cos", "cube_yaw4.sin"))
+    np.testing.assert_allclose(tilt, [0, 0, 0, 0, np.pi / 6, 0], atol=1e-9)  # on any face: flat
+    np.testing.assert_allclose(cos4[[0, 1, 2, 5]], np.cos(1.2))  # 4 × 0.3: a quarter turn looks the same
+    np.testing.assert_allclose(sin4[[0, 1, 2, 5]], np.sin(1.2))
+    np.testing.assert_allclose(targets[:, names.index("cube_z")], 2)
+    # the other envs keep their entries, angles as cosine and sine
+    _, pusht_names = envs.PushTEnv.probe_targets(np.zeros((2, 10)))
+    assert pusht_names[4:6] == ["block_angle.cos", "block_angle.sin"] and len(pusht_names) == 11
+
+
 def test_success_is_reported_against_the_goal_given_at_reset():
     env = envs.make("tworoom", image_size=16)
     start = np.array([40.0, 40.0, 0, 0])

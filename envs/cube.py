@@ -51,12 +51,17 @@ class CubeEnv(MujocoEnv):
 
     def xml(self) -> str:
         (x_reach, y_reach, (z_low, z_high)) = REACH
-        slide = 'type="slide" damping="20" armature="0.01"'
-        finger = 'type="box" size="0.006 0.012 0.03" pos="{x} 0 0.03" mass="0.05" rgba=".35 .35 .4 1" friction="1.2 0.01 0.001" condim="4"'
         return f"""
 <mujoco model="cube">
   <compiler angle="radian"/>
-  <option timestep="{self.physics_dt}" integrator="implicitfast" cone="elliptic" impratio="10"/>
+  <option integrator="implicitfast" cone="elliptic" impratio="10"/>
+  <default>
+    <default class="reach"><joint type="slide" damping="20" armature="0.01"/></default>
+    <default class="grip">  <!-- what grasps and is grasped: torsional friction too, so a held cube does not spin -->
+      <geom type="box" friction="1.2 0.01 0.001" condim="4"/>
+      <default class="finger"><geom size="0.006 0.012 0.03" mass="0.05" rgba=".35 .35 .4 1"/></default>
+    </default>
+  </default>
   <visual>
     <quality shadowsize="{4 * self.image_size}"/>
     <headlight ambient=".5 .5 .5" diffuse=".3 .3 .3" specular="0 0 0"/>
@@ -66,25 +71,28 @@ class CubeEnv(MujocoEnv):
     <light pos="0.1 -0.1 1.0" dir="-0.1 0.1 -1" diffuse=".5 .5 .5" specular="0 0 0" castshadow="true"/>
     <camera name="front" pos="0 -0.6 0.45" xyaxes="1 0 0 0 0.51 0.86" fovy="48"/>
     <geom name="table" type="box" pos="0 0 -0.02" size="{TABLE} {TABLE} 0.02" rgba=".85 .82 .75 1"/>
-    <geom name="floor" type="box" pos="0 0 -0.06" size="1 1 0.02" rgba=".45 .45 .45 1" contype="0" conaffinity="0"/>
-    <geom name="backdrop" type="box" pos="0 {TABLE + 0.1} 0.2" size="0.6 0.01 0.4" rgba=".55 .65 .75 1" contype="0" conaffinity="0"/>
-    <body name="gripper" pos="0 0 0" gravcomp="1">
-      <joint name="gripper_x" axis="1 0 0" range="{-x_reach} {x_reach}" {slide}/>
-      <joint name="gripper_y" axis="0 1 0" range="{-y_reach} {y_reach}" {slide}/>
-      <joint name="gripper_z" axis="0 0 1" range="{z_low} {z_high}" {slide}/>
-      <geom type="box" size="{OPEN + 0.012} 0.015 0.008" pos="0 0 0.068" mass="0.2" rgba=".2 .4 .8 1" contype="0" conaffinity="0"/>
+    <geom name="floor" type="box" pos="0 0 -0.06" size="1 1 0.02" rgba=".45 .45 .45 1"
+          contype="0" conaffinity="0"/>
+    <geom name="backdrop" type="box" pos="0 {TABLE + 0.1} 0.2" size="0.6 0.01 0.4" rgba=".55 .65 .75 1"
+          contype="0" conaffinity="0"/>
+    <body name="gripper" gravcomp="1">
+      <joint name="gripper_x" class="reach" axis="1 0 0" range="{-x_reach} {x_reach}"/>
+      <joint name="gripper_y" class="reach" axis="0 1 0" range="{-y_reach} {y_reach}"/>
+      <joint name="gripper_z" class="reach" axis="0 0 1" range="{z_low} {z_high}"/>
+      <geom type="box" size="{OPEN + 0.012} 0.015 0.008" pos="0 0 0.068" mass="0.2" rgba=".2 .4 .8 1"
+            contype="0" conaffinity="0"/>
       <body name="finger_left" gravcomp="1">
         <joint name="finger_left" type="slide" axis="-1 0 0" range="0 {OPEN}" damping="2"/>
-        {'<geom ' + finger.format(x=-0.006) + '/>'}
+        <geom class="finger" pos="-0.006 0 0.03"/>
       </body>
       <body name="finger_right" gravcomp="1">
         <joint name="finger_right" type="slide" axis="1 0 0" range="0 {OPEN}" damping="2"/>
-        {'<geom ' + finger.format(x=0.006) + '/>'}
+        <geom class="finger" pos="0.006 0 0.03"/>
       </body>
     </body>
     <body name="cube" pos="0 0 {HALF}">
       <freejoint name="cube"/>
-      <geom type="box" size="{HALF} {HALF} {HALF}" mass="0.05" rgba=".85 .15 .15 1" friction="1.2 0.01 0.001" condim="4"/>
+      <geom class="grip" size="{HALF} {HALF} {HALF}" mass="0.05" rgba=".85 .15 .15 1"/>
     </body>
   </worldbody>
   <contact><exclude body1="finger_left" body2="finger_right"/></contact>

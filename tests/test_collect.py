@@ -181,8 +181,8 @@ def test_verify_names_what_is_wrong(dataset_path, tmp_path):
 
 
 def test_bad_collection_settings_are_one_line(tmp_path):
-    done = collect_cli("env=cube", f"path={tmp_path / 'x'}")
-    assert done.returncode == 2 and "env=cube; choose one of" in done.stderr
+    done = collect_cli("env=ant", f"path={tmp_path / 'x'}")
+    assert done.returncode == 2 and "env=ant; choose one of" in done.stderr
     done = collect_cli("env=pusht", "env.kwargs.image_size=3", f"path={tmp_path / 'x'}")
     assert done.returncode == 2 and "image_size" in done.stderr and not (tmp_path / "x").exists()
 

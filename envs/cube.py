@@ -232,8 +232,8 @@ class CubeExpert:
 class CubeExplorer:
     """Exploration that still meets the cube: a smoothed random walk of the gripper drawn toward
     random points near the cube (and at random heights), with the gripper opened or closed at
-    random every few steps. Pure random actions touch the cube in few episodes; this touches,
-    pushes, knocks over and now and then lifts it."""
+    random every few steps. Random actions moved the cube in none of 20 episodes; this moved it
+    in 14 (pushing and knocking it; it lifted it in none: that the expert's episodes show)."""
 
     def __init__(self, rng: np.random.Generator, noise: float = 0.5, smoothness: float = 0.7, switch: float = 0.15):
         self.rng, self.noise, self.smoothness, self.switch = rng, noise, smoothness, switch

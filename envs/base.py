@@ -65,47 +65,47 @@ def arena_xml(centre: float, half: float, wall: float = 0.0) -> str:
     return xml
 
 
-class MujocoEnv(gym.Env):
-    """Base class. A subclass sets `state_scale` (or leaves it 1) and provides:
+class Env(gym.Env):
+    """What every leworld environment is (the contract the collector, the trainer, the probe and
+    the planners rely on). A subclass provides:
 
-        xml()                      the MJCF model, with the camera named by `camera` ("top")
-        sample_state(rng)          an initial physical state for a plain reset
-        apply_action(action)       set controls from a checked action (before the physics steps)
-        success(state, goal)       a pure function of two states
-        distance(state, goal)      the error that success thresholds (for reports)
-        proprio(state)             the part of the state the agent senses of itself (or None)
+        get_state() / set_state(state)   the physical state as one vector (`state_names`), restored
+                                         exactly enough that set_state then render reproduces the frame
+        sample_state(rng)                an initial physical state for a plain reset
+        advance(action)                  one env step of physics from a checked, clipped action
+        render()                         uint8 (image_size, image_size, 3), the current frame
+        success(state, goal)             a pure function of two states
+        distance(state, goal)            the error that success thresholds (for reports)
+        proprio(state)                   the part of the state the agent senses of itself (or None)
+        action_space                     a Box
 
-    The state is (qpos, qvel) times `state_scale`: workspace units for planar tasks, radians for
-    joints. `reset(options={"state": s})` restores it exactly, and `options={"goal": g}` sets the
-    goal that `info["success"]` is measured against.
+    `reset(options={"state": s})` restores a state, and `options={"goal": g}` sets the goal that
+    `info["success"]` is measured against.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
     state_names: list[str] = []  # one per state entry, for tables and probes
     angle_dims: tuple[int, ...] = ()  # entries that are angles
-    camera = "top"  # the camera that renders observations
-    physics_dt = 0.01
-    physics_steps = 10  # physics steps per env step (per action)
 
     def __init__(self, image_size: int = 64):
-        if GL_FAILURE:
-            raise EnvError(GL_FAILURE)
         if not isinstance(image_size, (int, np.integer)) or image_size < 8:
             raise EnvError(f"image_size must be an integer of at least 8 pixels, not {image_size!r}")
         self.image_size = int(image_size)
-        self.model = mujoco.MjModel.from_xml_string(self.xml())
-        self.model.opt.timestep = self.physics_dt
-        self.data = mujoco.MjData(self.model)
-        self.state_dim = self.model.nq + self.model.nv
-        self.state_scale = np.broadcast_to(np.asarray(getattr(self, "state_scale", 1.0), dtype=np.float64),
-                                           (self.state_dim,)).copy()
+        self.state_dim = len(self.state_names)
         self.observation_space = gym.spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.render_mode = "rgb_array"
         self.goal_state = None
-        self._renderer = None
 
     def proprio(self, state: np.ndarray) -> np.ndarray | None:
         return None
+
+    def check_state(self, state) -> np.ndarray:
+        """`state` as float64 if it is `state_dim` finite numbers, else EnvError."""
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (self.state_dim,) or not np.isfinite(state).all():
+            raise EnvError(f"{type(self).__name__} state must be {self.state_dim} finite numbers, got shape "
+                           f"{state.shape}{'' if np.isfinite(state).all() else ' with NaN or inf'}")
+        return state
 
     @classmethod
     def probe_targets(cls, states: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -121,24 +121,6 @@ class MujocoEnv(gym.Env):
                 names.append(name)
         return np.stack(columns, 1), names
 
-    # ---- state ------------------------------------------------------------------------------
-
-    def get_state(self) -> np.ndarray:
-        return np.concatenate([self.data.qpos, self.data.qvel]) * self.state_scale
-
-    def set_state(self, state) -> None:
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != (self.state_dim,) or not np.isfinite(state).all():
-            raise EnvError(f"{type(self).__name__} state must be {self.state_dim} finite numbers, got shape "
-                           f"{state.shape}{'' if np.isfinite(state).all() else ' with NaN or inf'}")
-        mujoco.mj_resetData(self.model, self.data)
-        physical = state / self.state_scale
-        self.data.qpos[:] = physical[: self.model.nq]
-        self.data.qvel[:] = physical[self.model.nq:]
-        mujoco.mj_forward(self.model, self.data)
-
-    # ---- gymnasium API ----------------------------------------------------------------------
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = options or {}
@@ -152,8 +134,7 @@ class MujocoEnv(gym.Env):
         what an oracle planner asks of the simulator. The env is left in that state."""
         self.set_state(state)
         for action in np.clip(actions, self.action_space.low, self.action_space.high):
-            self.apply_action(action)
-            mujoco.mj_step(self.model, self.data, nstep=self.physics_steps)
+            self.advance(action)
         return self.get_state()
 
     def goal_cost(self, state: np.ndarray, goal: np.ndarray) -> float:
@@ -168,11 +149,7 @@ class MujocoEnv(gym.Env):
             raise EnvError(f"{type(self).__name__} takes actions of shape {self.action_space.shape}, got {action.shape}")
         if not np.isfinite(action).all():
             raise EnvError(f"{type(self).__name__} got an action with NaN or inf: {action}")
-        self.apply_action(np.clip(action, self.action_space.low, self.action_space.high))
-        mujoco.mj_step(self.model, self.data, nstep=self.physics_steps)
-        # mj_step leaves body poses (what is drawn) from before its last integration: bring them up
-        # to date, so that a frame shows exactly the state reported with it
-        mujoco.mj_forward(self.model, self.data)
+        self.advance(np.clip(action, self.action_space.low, self.action_space.high))
         info = self._info()
         return self.render(), float(info.get("success", False)), False, False, info
 
@@ -186,7 +163,49 @@ class MujocoEnv(gym.Env):
             info["success"] = bool(self.success(state, self.goal_state))
         return info
 
-    # ---- pixels -----------------------------------------------------------------------------
+
+class MujocoEnv(Env):
+    """A leworld environment simulated and drawn by MuJoCo. A subclass sets `state_names` and
+    `state_scale` (or leaves it 1) and provides, besides sample_state, success, distance and
+    proprio (see Env):
+
+        xml()                      the MJCF model, with the camera named by `camera` ("top")
+        apply_action(action)       set controls from a checked action (before the physics steps)
+
+    The state is (qpos, qvel) times `state_scale`: workspace units for planar tasks, radians for
+    joints; set_state restores it exactly.
+    """
+
+    camera = "top"  # the camera that renders observations
+    physics_dt = 0.01
+    physics_steps = 10  # physics steps per env step (per action)
+
+    def __init__(self, image_size: int = 64):
+        if GL_FAILURE:
+            raise EnvError(GL_FAILURE)
+        super().__init__(image_size)
+        self.model = mujoco.MjModel.from_xml_string(self.xml())
+        self.model.opt.timestep = self.physics_dt
+        self.data = mujoco.MjData(self.model)
+        self.state_dim = self.model.nq + self.model.nv
+        self.state_scale = np.broadcast_to(np.asarray(getattr(self, "state_scale", 1.0), dtype=np.float64),
+                                           (self.state_dim,)).copy()
+        self._renderer = None
+
+    def get_state(self) -> np.ndarray:
+        return np.concatenate([self.data.qpos, self.data.qvel]) * self.state_scale
+
+    def set_state(self, state) -> None:
+        state = self.check_state(state)
+        mujoco.mj_resetData(self.model, self.data)
+        physical = state / self.state_scale
+        self.data.qpos[:] = physical[: self.model.nq]
+        self.data.qvel[:] = physical[self.model.nq:]
+        mujoco.mj_forward(self.model, self.data)
+
+    def advance(self, action: np.ndarray) -> None:
+        self.apply_action(action)
+        mujoco.mj_step(self.model, self.data, nstep=self.physics_steps)
 
     def render(self) -> np.ndarray:
         """The current frame from the env's camera: uint8 (image_size, image_size, 3)."""
@@ -198,6 +217,9 @@ class MujocoEnv(gym.Env):
                     f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({err}); use "
                     "MUJOCO_GL=egl (needs libEGL, libegl1 on Debian) or MUJOCO_GL=osmesa (needs libOSMesa, libosmesa6)"
                 ) from None
+        # mj_step leaves body poses (what is drawn) from before its last integration: bring them up
+        # to date, so that a frame shows exactly the state reported with it
+        mujoco.mj_forward(self.model, self.data)
         self._renderer.update_scene(self.data, camera=self.camera)
         return self._renderer.render()
 

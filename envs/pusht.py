@@ -14,6 +14,9 @@ State (10): agent x, y; block x, y, angle; then their velocities. Proprioception
 position and velocity.
 """
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 from gymnasium import spaces
 
@@ -31,13 +34,6 @@ STEM = (30.0, 90.0)  # width, height of the stem below its middle
 _COM_DROP = (STEM[0] * STEM[1] * (BAR[1] + STEM[1]) / 2) / (BAR[0] * BAR[1] + STEM[0] * STEM[1])
 BAR_CENTRE = np.array([0.0, _COM_DROP])
 STEM_CENTRE = np.array([0.0, _COM_DROP - (BAR[1] + STEM[1]) / 2])
-# outline in the block's frame, counter-clockwise
-T_OUTLINE = np.array([
-    [-BAR[0] / 2, BAR_CENTRE[1] + BAR[1] / 2], [-BAR[0] / 2, BAR_CENTRE[1] - BAR[1] / 2],
-    [-STEM[0] / 2, BAR_CENTRE[1] - BAR[1] / 2], [-STEM[0] / 2, STEM_CENTRE[1] - STEM[1] / 2],
-    [STEM[0] / 2, STEM_CENTRE[1] - STEM[1] / 2], [STEM[0] / 2, BAR_CENTRE[1] - BAR[1] / 2],
-    [BAR[0] / 2, BAR_CENTRE[1] - BAR[1] / 2], [BAR[0] / 2, BAR_CENTRE[1] + BAR[1] / 2],
-])
 BAR_MASS = BAR[0] * BAR[1] / (BAR[0] * BAR[1] + STEM[0] * STEM[1])
 # radius of gyration about the centre of mass (mass 1)
 GYRATION = np.sqrt(
@@ -98,7 +94,7 @@ class PushTEnv(MujocoEnv):
             agent = rng.uniform(50, 450, size=2)
             block = rng.uniform(100, 400, size=2)
             angle = rng.uniform(-np.pi, np.pi)
-            if distance_to_t(agent, block, angle) > AGENT_RADIUS + 5:
+            if PUSHT_T.distance(agent, block, angle) > AGENT_RADIUS + 5:
                 return np.concatenate([agent, block, [angle], np.zeros(5)])
 
     def apply_action(self, action: np.ndarray) -> None:
@@ -146,38 +142,62 @@ def to_world(points: np.ndarray, block_xy: np.ndarray, angle) -> np.ndarray:
     return np.einsum("...ij,...j->...i", _rotation(angle), np.asarray(points)) + block_xy
 
 
-def distance_to_t(points: np.ndarray, block_xy: np.ndarray, angle) -> np.ndarray:
-    """Distance from world points (..., 2) to the T at (block_xy (..., 2), angle (...)), negative
-    inside; shapes broadcast."""
-    local = to_block_frame(points, block_xy, angle)
+@dataclass(frozen=True)
+class TBlock:
+    """The T (a 120 x 30 bar over the middle of a 30 x 90 stem) in the block's own frame, the frame
+    its pose (x, y, angle) places: where the bar's and the stem's centres are, the point the block
+    turns about, and its radius of gyration about that point. Two PushTs place the frame apart
+    (leworld's at the centre of mass, gym-pusht's at the bar's outer edge)."""
 
-    def to_box(centre, size):
-        q = np.abs(local - centre) - np.asarray(size) / 2
-        outside = np.linalg.norm(np.maximum(q, 0), axis=-1)
-        return outside + np.minimum(q.max(-1), 0)
+    bar_centre: tuple[float, float]
+    stem_centre: tuple[float, float]
+    pivot: tuple[float, float]
+    gyration: float
 
-    return np.minimum(to_box(BAR_CENTRE, BAR), to_box(STEM_CENTRE, STEM))
+    def outline(self) -> np.ndarray:
+        """(8, 2) corners, counter-clockwise, from the bar's outer left corner."""
+        (_, bar_y), (_, stem_y) = self.bar_centre, self.stem_centre
+        down = np.sign(bar_y - stem_y)  # +1 where the stem hangs below the bar
+        top, joint, foot = bar_y + down * BAR[1] / 2, bar_y - down * BAR[1] / 2, stem_y - down * STEM[1] / 2
+        corners = np.array([[-BAR[0] / 2, top], [-BAR[0] / 2, joint], [-STEM[0] / 2, joint], [-STEM[0] / 2, foot],
+                            [STEM[0] / 2, foot], [STEM[0] / 2, joint], [BAR[0] / 2, joint], [BAR[0] / 2, top]])
+        return corners if down > 0 else corners[::-1]  # mirrored, the same order would run clockwise
+
+    def distance(self, points: np.ndarray, block_xy: np.ndarray, angle) -> np.ndarray:
+        """Distance from world points (..., 2) to the T at (block_xy (..., 2), angle (...)),
+        negative inside; shapes broadcast."""
+        local = to_block_frame(points, block_xy, angle)
+
+        def to_box(centre, size):
+            q = np.abs(local - np.asarray(centre)) - np.asarray(size) / 2
+            outside = np.linalg.norm(np.maximum(q, 0), axis=-1)
+            return outside + np.minimum(q.max(-1), 0)
+
+        return np.minimum(to_box(self.bar_centre, BAR), to_box(self.stem_centre, STEM))
+
+    @cached_property
+    def contacts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Points along the outline, `CONTACT_SPACING` apart, and their outward normals, in the
+        block's frame: those the disc can come straight in to, along the normal from its staging point."""
+        points, normals = [], []
+        corners = self.outline()
+        for a, b in zip(corners, np.roll(corners, -1, axis=0)):
+            edge = b - a
+            length = np.linalg.norm(edge)
+            n = int(length // CONTACT_SPACING)
+            for t in (np.arange(n) + 0.5) / n:
+                points.append(a + t * edge)
+                normals.append(np.array([edge[1], -edge[0]]) / length)  # right of travel: outward (CCW)
+        points, normals = np.array(points), np.array(normals)
+        approach = np.linspace(AGENT_RADIUS + 1, STAGING, 12)[:, None, None]  # (K, 1, 1) distances out
+        path = points + normals * approach  # (K, C, 2) disc centres on the way in
+        reachable = (self.distance(path, np.zeros(2), 0.0) >= AGENT_RADIUS).all(0)
+        return points[reachable], normals[reachable]
 
 
-def _contact_candidates(spacing: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
-    """Points along the T's outline and their outward normals, in the block's frame."""
-    points, normals = [], []
-    for a, b in zip(T_OUTLINE, np.roll(T_OUTLINE, -1, axis=0)):
-        edge = b - a
-        length = np.linalg.norm(edge)
-        n = int(length // spacing)
-        for t in (np.arange(n) + 0.5) / n:
-            points.append(a + t * edge)
-            normals.append(np.array([edge[1], -edge[0]]) / length)  # right of travel: outward (CCW)
-    points, normals = np.array(points), np.array(normals)
-    # keep contacts the disc can come straight in to, along the normal from its staging point
-    approach = np.linspace(AGENT_RADIUS + 1, STAGING, 12)[:, None, None]  # (K, 1, 1) distances out
-    path = points + normals * approach  # (K, C, 2) disc centres on the way in
-    reachable = (distance_to_t(path, np.zeros(2), 0.0) >= AGENT_RADIUS).all(0)
-    return points[reachable], normals[reachable]
-
-
-CONTACTS, CONTACT_NORMALS = _contact_candidates()
+# leworld's T: its frame at the centre of mass, the stem below the bar
+PUSHT_T = TBlock(bar_centre=tuple(BAR_CENTRE), stem_centre=tuple(STEM_CENTRE), pivot=(0.0, 0.0), gyration=GYRATION)
+CONTACT_SPACING = 6.0
 
 
 # ---- scripted policies -----------------------------------------------------------------------
@@ -191,8 +211,11 @@ class PushTExpert:
 
     Pushes are scored with a quasi-static model: a push at c along −n moves the block along −n and
     turns it by the torque (c − com) × (−n) / r_gyration². A contact that yields no push for
-    `give_up` steps (a wall in the way, say) is dropped for the next best.
+    `give_up` steps (a wall in the way, say) is dropped for the next best. `block` is the T's
+    geometry in the frame the state's pose places (a subclass sets another).
     """
+
+    block = PUSHT_T
 
     def __init__(self, rng: np.random.Generator, noise: float = 0.1, patience: int = 80, replan_every: int = 5,
                  give_up: int = 30):
@@ -209,20 +232,22 @@ class PushTExpert:
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
         agent, block, angle = state[:2], state[2:4], state[4]
+        centre = block + _rotation(angle) @ self.block.pivot  # what targets place
+        contacts, normals = self.block.contacts
         self.steps_on_target += 1
-        near = (np.linalg.norm(self.target[:2] - block) < 15 and abs(wrap_angle(self.target[2] - angle)) < 0.2)
+        near = (np.linalg.norm(self.target[:2] - centre) < 15 and abs(wrap_angle(self.target[2] - angle)) < 0.2)
         if near or self.steps_on_target > self.patience:
             self._new_target()
         if self.contact is not None and self.steps_on_contact - self.pushes > self.give_up:
             self.failed.add(self.contact)
             self.contact = None
         if self.contact is None or self.pushes >= self.replan_every:
-            self.contact = self._best_contact(block, angle)
+            self.contact = self._best_contact(block, centre, angle)
             self.pushes = self.steps_on_contact = 0
         self.steps_on_contact += 1
 
-        point = to_world(CONTACTS[self.contact], block, angle)
-        normal = _rotation(angle) @ CONTACT_NORMALS[self.contact]
+        point = to_world(contacts[self.contact], block, angle)
+        normal = _rotation(angle) @ normals[self.contact]
         behind = point + normal * (AGENT_RADIUS + 6)
         offset = agent - behind
         out, across = offset @ normal, abs(normal[0] * offset[1] - normal[1] * offset[0])
@@ -233,36 +258,38 @@ class PushTExpert:
             goal = behind  # on the approach line: straight in
         else:
             staging = np.clip(point + normal * STAGING, *INNER)
-            goal = self._path_to(agent, staging, block, angle)
+            goal = self._path_to(agent, staging, block, centre, angle)
         action = (goal - agent) / ACTION_SCALE + self.rng.normal(0, self.noise, size=2)
         return np.clip(action, -1, 1)
 
-    def _best_contact(self, block: np.ndarray, angle: float) -> int:
-        position_error = self.target[:2] - block
+    def _best_contact(self, block: np.ndarray, centre: np.ndarray, angle: float) -> int:
+        contacts, normals = self.block.contacts
+        gyration = self.block.gyration
+        position_error = self.target[:2] - centre
         angle_error = wrap_angle(self.target[2] - angle)
-        push = -(CONTACT_NORMALS @ _rotation(angle).T)  # world direction each contact pushes in
-        arm = CONTACTS @ _rotation(angle).T
-        turn = (arm[:, 0] * push[:, 1] - arm[:, 1] * push[:, 0]) / GYRATION**2  # radians per unit push
+        push = -(normals @ _rotation(angle).T)  # world direction each contact pushes in
+        arm = (contacts - self.block.pivot) @ _rotation(angle).T
+        turn = (arm[:, 0] * push[:, 1] - arm[:, 1] * push[:, 0]) / gyration**2  # radians per unit push
         # pose error and motion per unit push, with angles weighted by the radius of gyration
-        error = np.concatenate([position_error, [GYRATION * angle_error]])
-        motion = np.concatenate([push, GYRATION * turn[:, None]], axis=1)
+        error = np.concatenate([position_error, [gyration * angle_error]])
+        motion = np.concatenate([push, gyration * turn[:, None]], axis=1)
         progress = motion @ error / np.linalg.norm(motion, axis=1)
         progress[list(self.failed)] = -np.inf
         # the agent must fit between the block and the walls behind a contact
-        behind = to_world(CONTACTS + CONTACT_NORMALS * (AGENT_RADIUS + 6), block, angle)
+        behind = to_world(contacts + normals * (AGENT_RADIUS + 6), block, angle)
         inside = ((behind > INNER[0]) & (behind < INNER[1])).all(1)
         progress[~inside] = -np.inf
         return int(np.argmax(progress))
 
-    @staticmethod
-    def _path_to(agent: np.ndarray, waypoint: np.ndarray, block: np.ndarray, angle: float) -> np.ndarray:
+    def _path_to(self, agent: np.ndarray, waypoint: np.ndarray, block: np.ndarray, centre: np.ndarray,
+                 angle: float) -> np.ndarray:
         """The waypoint if the straight way is clear of the block, else a step around the block."""
         steps = np.linspace(0, 1, 24)[:, None]
         segment = agent + steps * (waypoint - agent)
-        if distance_to_t(segment, block, angle).min() > AGENT_RADIUS + 2:
+        if self.block.distance(segment, block, angle).min() > AGENT_RADIUS + 2:
             return waypoint
-        radius = 95.0  # clear of the T from its centre of mass
-        heading = np.arctan2(*(agent - block)[::-1])
-        wanted = np.arctan2(*(waypoint - block)[::-1])
+        radius = 95.0  # clear of the T from its pivot
+        heading = np.arctan2(*(agent - centre)[::-1])
+        wanted = np.arctan2(*(waypoint - centre)[::-1])
         heading += np.clip(wrap_angle(wanted - heading), -0.6, 0.6)
-        return block + radius * np.array([np.cos(heading), np.sin(heading)])
+        return centre + radius * np.array([np.cos(heading), np.sin(heading)])

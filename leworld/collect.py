@@ -43,7 +43,7 @@ def env_kwargs(env_cfg: DictConfig) -> dict:
     return OmegaConf.to_container(env_cfg.kwargs, resolve=True)
 
 
-def record_episode(env: envs.MujocoEnv, policy, length: int, seed: int) -> dict[str, np.ndarray]:
+def record_episode(env: envs.Env, policy, length: int, seed: int) -> dict[str, np.ndarray]:
     """One rollout: length + 1 frames and states, and the length actions between them."""
     obs, info = env.reset(seed=seed)
     policy.reset(info["state"])
@@ -205,7 +205,7 @@ def _check_resumable(root: Path, settings: dict) -> None:
                            "with its settings or choose another path=")
 
 
-def _frame_bytes(env: envs.MujocoEnv, seed: int) -> int:
+def _frame_bytes(env: envs.Env, seed: int) -> int:
     """About what one frame takes in an episode file, and again in the dataset."""
     obs, info = env.reset(seed=seed)
     floats = env.action_space.shape[0] + np.size(info["state"]) + np.size(info.get("proprio", ()))

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +8,19 @@ import pytest
 # MuJoCo picks its GL back end when first imported; make it EGL whatever a test imports first.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("LP_NUM_THREADS", "0")
+
+
+# The community extra (pip install 'leworld[community]'): CI installs it through the test extra; a
+# machine without it skips what needs it, and says why.
+needs_community = pytest.mark.skipif(importlib.util.find_spec("gym_pusht") is None or importlib.util.find_spec("h5py") is None,
+                                     reason="needs the community extra: pip install 'leworld[community]'")
+
+
+def env_names() -> list:
+    """Every environment's name for parametrize, gym_pusht marked `needs_community`."""
+    import envs
+
+    return [pytest.param(name, marks=needs_community) if name == "gym_pusht" else name for name in envs.ENVS]
 
 
 # a world model small enough for seconds on a CPU

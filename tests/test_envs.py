@@ -1,4 +1,5 @@
-"""The MuJoCo environments: physics sanity, determinism, exact state round trips, success
+"""The environments (MuJoCo's, and gym-pusht's where the community extra is installed; its own
+physics tests are in test_community.py): physics sanity, determinism, exact state round trips, success
 functions, the scripted experts' data, and bad input."""
 
 import subprocess
@@ -7,26 +8,27 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import env_names
 
 import envs
 from envs import EnvError
 from envs.base import wrap_angle
 from envs.cube import HALF, UNIT
-from envs.pusht import AGENT_RADIUS, distance_to_t
+from envs.pusht import AGENT_RADIUS, PUSHT_T
 from envs.reacher import ELBOW_LIMIT
 from envs.tworoom import SUCCESS_DISTANCE, WALL_X
 
-NAMES = list(envs.ENVS)
+NAMES = env_names()
 
 
-def test_registered_with_gymnasium():
-    for name, env_id in envs.IDS.items():
-        env = gym.make(env_id, image_size=32)
-        obs, info = env.reset(seed=0)
-        assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
-        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
-        assert info["state"].shape == (env.unwrapped.state_dim,) and "proprio" in info
-        env.close()
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_with_gymnasium(name):
+    env = gym.make(envs.IDS[name], image_size=32)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert info["state"].shape == (env.unwrapped.state_dim,) and "proprio" in info
+    env.close()
 
 
 # ---- physics --------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def test_pusht_block_moves_only_while_pushed():
     for _ in range(10):
         _, _, _, _, info = env.step(np.array([1.0, 0.0]))
     assert info["state"][2] - 256 > 50  # measured: 147 units in 10 steps
-    assert distance_to_t(info["state"][:2], info["state"][2:4], info["state"][4]) < AGENT_RADIUS + 1  # in contact
+    assert PUSHT_T.distance(info["state"][:2], info["state"][2:4], info["state"][4]) < AGENT_RADIUS + 1  # in contact
     for _ in range(3):  # back off: the block stops at once
         _, _, _, _, info = env.step(np.array([-0.3, 0.0]))
     resting = info["state"][2:5].copy()
@@ -263,7 +265,7 @@ def pusht_rollouts(expert: bool, episodes: int = 8, steps: int = 100) -> dict:
         states = np.array(states)
         stats["path"].append(np.linalg.norm(np.diff(states[:, 2:4], axis=0), axis=1).sum())  # block's path length
         stats["rotation"].append(np.abs(np.diff(states[:, 4])).sum())
-        stats["contact"].append(np.mean(distance_to_t(states[:, :2], states[:, 2:4], states[:, 4]) < AGENT_RADIUS + 1))
+        stats["contact"].append(np.mean(PUSHT_T.distance(states[:, :2], states[:, 2:4], states[:, 4]) < AGENT_RADIUS + 1))
         stats["final"].append(states[-1, 2:4])
     return {key: np.array(value) for key, value in stats.items()}
 

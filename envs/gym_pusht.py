@@ -89,12 +89,16 @@ class GymPushTEnv(Env):
 
     def advance(self, action: np.ndarray) -> None:
         """gym-pusht's step: a PD controller pulls the agent toward the target for 10 physics steps."""
-        sim = self.sim
-        target = np.asarray(sim.agent.position) + ACTION_SCALE * action
+        sim, agent = self.sim, self.sim.agent
+        # the same arithmetic as gym-pusht's, on Python floats: 3x faster than on 2-vectors (the oracle
+        # runs this loop hundreds of thousands of times per solve), and the same numbers (tested)
+        target_x, target_y = np.asarray(agent.position) + ACTION_SCALE * action
+        k_p, k_v, dt = sim.k_p, sim.k_v, sim.dt
         for _ in range(self.physics_steps):
-            acceleration = sim.k_p * (target - sim.agent.position) + sim.k_v * (0 - np.asarray(sim.agent.velocity))
-            sim.agent.velocity += acceleration * sim.dt
-            sim.space.step(sim.dt)
+            (x, y), (vx, vy) = agent.position, agent.velocity
+            agent.velocity = (vx + (k_p * (target_x - x) + k_v * (0 - vx)) * dt,
+                              vy + (k_p * (target_y - y) + k_v * (0 - vy)) * dt)
+            sim.space.step(dt)
 
     def render(self) -> np.ndarray:
         """gym-pusht's drawing (its _draw and _get_img) without the contact points."""

@@ -1,6 +1,9 @@
 """Collect a dataset of pixel rollouts:  python -m leworld.collect env=pusht [key=value ...]
 Check one:                             python -m leworld.collect verify path=data/pusht-cpu
 See what a model will see:             python -m leworld.collect preview env=pusht out=pusht.png
+Import stable-worldmodel's HDF5:       python -m leworld.collect import path=<file.h5> out=<dataset> [env=gym_pusht]
+Export to it:                          python -m leworld.collect export path=<dataset> out=<file.h5>
+(import and export: leworld/hdf5.py)
 
 Worker processes roll out the environment's scripted policies (a noisy expert, and random
 exploration for a `expert_fraction` share of the episodes) and write each finished episode to its
@@ -297,8 +300,15 @@ def preview(cfg: DictConfig) -> Path:
 
 def main() -> None:
     verbs = {"verify": verify, "preview": preview}
-    if len(sys.argv) > 1 and sys.argv[1] in verbs:
-        run_main("collect", verbs[sys.argv[1]], sys.argv[2:])
+    verb, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    if verb in verbs:
+        run_main("collect", verbs[verb], args)
+    elif verb in ("import", "export"):
+        from leworld import hdf5
+
+        # without env= an import takes the env a leworld export names (the default, pusht, would be a guess)
+        env_given = any(a.startswith("env=") for a in args)
+        run_main("collect", lambda cfg: hdf5.import_hdf5(cfg, env_given) if verb == "import" else hdf5.export_hdf5(cfg), args)
     else:
         run_main("collect", collect)
 

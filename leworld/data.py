@@ -55,8 +55,11 @@ def read_meta(root: Path) -> tuple[dict | None, list[str]]:
     meta_file = root / "meta.json"
     if not meta_file.is_file():
         partial = (root / "collection.json").is_file()  # collect.MARKER: leworld is collecting into the folder
+        imported = (root / "import.json").is_file()  # hdf5.IMPORT_MARKER: an import into the folder
         return None, [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with "
-                                                       "resume=true)" if partial else "it is not a leworld dataset")]
+                                                       "resume=true)" if partial else "its import did not finish (run "
+                                                       "the import again with resume=true)" if imported else
+                                                       "it is not a leworld dataset")]
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:

@@ -251,12 +251,13 @@ def test_wrap_angle():
 # ---- the scripted data -----------------------------------------------------------------------
 
 
-def pusht_rollouts(expert: bool, episodes: int = 8, steps: int = 100) -> dict:
-    env = envs.make("pusht", image_size=16)
+def pusht_rollouts(expert: bool, episodes: int = 8, steps: int = 100, name: str = "pusht", block=PUSHT_T) -> dict:
+    """Per episode: the block's path length and turning, the share of steps in contact, where it ended."""
+    env = envs.make(name, image_size=16)
     stats = {"path": [], "rotation": [], "contact": [], "final": []}
     for i in range(episodes):
         _, info = env.reset(seed=i)
-        policy = envs.make_policy("pusht", env, np.random.default_rng(i), expert=expert)
+        policy = envs.make_policy(name, env, np.random.default_rng(i), expert=expert)
         policy.reset(info["state"])
         states = [info["state"]]
         for _ in range(steps):
@@ -264,8 +265,8 @@ def pusht_rollouts(expert: bool, episodes: int = 8, steps: int = 100) -> dict:
             states.append(info["state"])
         states = np.array(states)
         stats["path"].append(np.linalg.norm(np.diff(states[:, 2:4], axis=0), axis=1).sum())  # block's path length
-        stats["rotation"].append(np.abs(np.diff(states[:, 4])).sum())
-        stats["contact"].append(np.mean(PUSHT_T.distance(states[:, :2], states[:, 2:4], states[:, 4]) < AGENT_RADIUS + 1))
+        stats["rotation"].append(np.abs(wrap_angle(np.diff(states[:, 4]))).sum())
+        stats["contact"].append(np.mean(block.distance(states[:, :2], states[:, 2:4], states[:, 4]) < AGENT_RADIUS + 1))
         stats["final"].append(states[-1, 2:4])
     return {key: np.array(value) for key, value in stats.items()}
 

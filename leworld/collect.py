@@ -103,7 +103,8 @@ def _collect_one(index: int) -> int:
 # ---- the dataset ---------------------------------------------------------------------------
 
 
-def _statistics(values: np.ndarray) -> dict:
+def column_statistics(values: np.ndarray) -> dict:
+    """Per-column mean, std, min and max of (N, D) values, as meta.json stores them."""
     return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
             "min": values.min(0).tolist(), "max": values.max(0).tolist()}
 
@@ -169,7 +170,7 @@ def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
         "image_shape": list(first["pixels"].shape[1:]), "action_dim": int(first["action"].shape[1]),
         "state_dim": int(first["state"].shape[1]), "proprio_dim": int(first["proprio"].shape[1]) if "proprio" in first else 0,
         "expert_episodes": experts,
-        "stats": {"action": _statistics(np.concatenate(actions)), "state": _statistics(np.concatenate(states))},
+        "stats": {"action": column_statistics(np.concatenate(actions)), "state": column_statistics(np.concatenate(states))},
     }
     (root / "meta.json.partial").write_text(json.dumps(meta, indent=1))
     os.replace(root / "meta.json.partial", root / "meta.json")

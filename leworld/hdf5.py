@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import envs
 from leworld import LeworldError
-from leworld.collect import _statistics, check_free_space, env_kwargs
+from leworld.collect import check_free_space, column_statistics, env_kwargs
 from leworld.data import FORMAT, VERSION, EpisodeDataset, content_problems
 from leworld.runtime import load_config
 
@@ -119,7 +119,8 @@ def read_episode(file, layout: Layout, index: int, source: Path) -> dict[str, np
 
 def open_file(h5py, source: Path):
     if not source.is_file():
-        raise LeworldError(f"{source} does not exist; path= names the HDF5 file to import")
+        what = "is a folder" if source.is_dir() else "does not exist"
+        raise LeworldError(f"{source} {what}; path= names the HDF5 file to import")
     try:
         return h5py.File(source, "r")
     except OSError as err:
@@ -145,7 +146,10 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
     if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
         raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
     with open_file(h5py, source) as file:
-        layout = read_layout(file, source, dict(cfg.columns))
+        try:
+            layout = read_layout(file, source, dict(cfg.columns))
+        except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
+            raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
         recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
         kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.image_shape[0]}
         env = envs.make(cfg.env.name, **kwargs)
@@ -162,11 +166,11 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
             tensors = _start(root, settings, layout, env) if done is None else TensorDict.load_memmap(root / "tensors.partial")
             _copy(file, source, layout, env, tensors, done or 0, root, settings)
             print("checking the dataset against the file")
-            _compare(file, source, layout, env, tensors)
+            _compare(file, source, layout, tensors)
         except (LeworldError, OSError) as err:  # a bad file or a full disk: leave nothing half written
             shutil.rmtree(root / "tensors.partial", ignore_errors=True)
             (root / IMPORT_MARKER).unlink(missing_ok=True)
-            if made_root or not any(root.iterdir()):
+            if made_root:
                 shutil.rmtree(root, ignore_errors=True)
             if isinstance(err, LeworldError):
                 raise
@@ -222,9 +226,8 @@ def _mark(root: Path, settings: dict, episodes_done: int) -> None:
 
 
 def _copy(file, source: Path, layout: Layout, env, tensors: TensorDict, done: int, root: Path, settings: dict) -> None:
-    progress = tqdm(range(done, len(layout.lengths)), desc="importing episodes", initial=done,
-                    total=len(layout.lengths), dynamic_ncols=True)
-    for index in progress:
+    for index in tqdm(range(done, len(layout.lengths)), desc="importing episodes", initial=done,
+                      total=len(layout.lengths), dynamic_ncols=True):
         episode, rows = read_episode(file, layout, index, source), layout.rows(index)
         tensors["pixels"][rows] = torch.from_numpy(episode["pixels"])
         tensors["action"][rows] = torch.from_numpy(episode["action"]).float()
@@ -234,11 +237,11 @@ def _copy(file, source: Path, layout: Layout, env, tensors: TensorDict, done: in
             tensors["proprio"][rows] = torch.from_numpy(proprio).float()
         tensors["episode"][rows] = index
         tensors["step"][rows] = torch.arange(rows.stop - rows.start)
-        if index % 64 == 63 or index == len(layout.lengths) - 1:  # the memory maps hold what is written
+        if index % 64 == 63 or index == len(layout.lengths) - 1:  # a killed process's writes to a memory map stay
             _mark(root, settings, index + 1)
 
 
-def _compare(file, source: Path, layout: Layout, env, tensors: TensorDict) -> None:
+def _compare(file, source: Path, layout: Layout, tensors: TensorDict) -> None:
     """Every episode of the dataset equals the file's (the numbers as float32)."""
     for index in tqdm(range(len(layout.lengths)), desc="checking", leave=False, dynamic_ncols=True):
         episode, rows = read_episode(file, layout, index, source), layout.rows(index)
@@ -267,7 +270,7 @@ def _finish(root: Path, tensors: TensorDict, layout: Layout, env, settings: dict
             "episode_lengths": layout.lengths.tolist(), "image_shape": list(layout.image_shape),
             "action_dim": layout.action_dim, "state_dim": layout.state_dim,
             "proprio_dim": proprio_dim(env),
-            "stats": {"action": _statistics(actions), "state": _statistics(states)}}
+            "stats": {"action": column_statistics(actions), "state": column_statistics(states)}}
     (root / "meta.json.partial").write_text(json.dumps(meta, indent=1))
     os.replace(root / "meta.json.partial", root / "meta.json")
     (root / IMPORT_MARKER).unlink()

@@ -260,7 +260,8 @@ def _finish(root: Path, tensors: TensorDict, layout: Layout, env, settings: dict
     last = np.cumsum(layout.lengths) - 1
     acted = np.ones(layout.num_frames, dtype=bool)
     acted[last] = False
-    actions, states = tensors["action"].numpy()[acted], tensors["state"].numpy()
+    # in float64, as the collector computes them (from its float64 episodes): float32 sums drift over millions of rows
+    actions, states = tensors["action"].numpy()[acted].astype(np.float64), tensors["state"].numpy().astype(np.float64)
     del tensors
     os.replace(root / "tensors.partial", root / "tensors")
     meta = {"format": FORMAT, "version": VERSION, "env": {"name": settings["env"], "id": envs.IDS[settings["env"]],

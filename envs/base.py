@@ -1,6 +1,7 @@
-"""What leworld's MuJoCo environments share: a model built from XML, a fixed number of physics
-steps per action, offscreen pixel rendering, the physical state as one vector that restores the
-simulation exactly, and input checks.
+"""What leworld's environments share. `Env` is the contract every environment keeps (the
+gymnasium API, the physical state as one vector that a reset restores, pixel frames, success as a
+pure function of two states, input checks); `MujocoEnv` keeps it for the MuJoCo ones: a model
+built from XML, a fixed number of physics steps per action, offscreen rendering.
 
 Rendering is offscreen through EGL unless MUJOCO_GL says otherwise (MUJOCO_GL=osmesa for machines
 without EGL); it must be chosen before mujoco is first imported, which this module does. Scenes are

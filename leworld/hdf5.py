@@ -8,8 +8,8 @@ column over the steps of all episodes, and `ep_len` / `ep_offset`, each episode'
 and first row. A row is one step: the frame, and the action taken after it (NaN after an
 episode's last frame). The import reads three columns, named by `columns` (configs/collect.yaml):
 pixels (N, H, W, 3) uint8, action (N, A) and state (N, S); proprioception is computed from the
-state by the env, as the collector does. The frames must be square; their size becomes the
-dataset's env.kwargs.image_size.
+state by the env, as the collector does. The frames must be square; their size, or the one
+`resize` asks for (PIL's bilinear filter), becomes the dataset's env.kwargs.image_size.
 
 Import streams one episode at a time into the dataset folder's tensors.partial/ (import.json
 records the file and how many episodes are in), so that files bigger than memory import, and an
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from tensordict import TensorDict
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ import envs
 from leworld import LeworldError
 from leworld.collect import check_free_space, column_statistics, env_kwargs
 from leworld.data import FORMAT, VERSION, EpisodeDataset, content_problems
-from leworld.runtime import load_config
+from leworld.runtime import check_values, load_config
 
 IMPORT_MARKER = "import.json"  # read_meta (data.py) knows this name too
 ENV_ATTRIBUTE, KWARGS_ATTRIBUTE = "leworld_env", "leworld_env_kwargs"
@@ -62,9 +63,14 @@ class Layout:
     keys: dict  # our name -> the file's column
     lengths: np.ndarray  # (E,)
     offsets: np.ndarray  # (E,)
-    image_shape: tuple
+    file_size: int  # the file's frames are file_size x file_size
     action_dim: int
     state_dim: int
+    size: int = 0  # the dataset's frames (resized where it differs from file_size; 0: file_size)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.size or self.file_size,) * 2 + (3,)
 
     @property
     def num_frames(self) -> int:
@@ -101,13 +107,16 @@ def read_layout(file, source: Path, keys: dict) -> Layout:
         bad = int(np.flatnonzero((lengths < 1) | (offsets < 0) | (offsets + lengths > len(pixels)))[0])
         raise LeworldError(f"{source}: episode {bad} (rows {offsets[bad]} to {offsets[bad] + lengths[bad]}) does not fit "
                            f"in its {len(pixels)} rows: ep_len / ep_offset disagree with the columns (a truncated file?)")
-    return Layout(keys, lengths, offsets, tuple(pixels.shape[1:]), action.shape[1], state.shape[1])
+    return Layout(keys, lengths, offsets, pixels.shape[1], action.shape[1], state.shape[1])
 
 
 def read_episode(file, layout: Layout, index: int, source: Path) -> dict[str, np.ndarray]:
     """One episode's rows, checked: every number finite but the action after the last frame."""
     rows = slice(int(layout.offsets[index]), int(layout.offsets[index] + layout.lengths[index]))
     episode = {name: file[column][rows] for name, column in layout.keys.items()}
+    if layout.image_shape[0] != layout.file_size:
+        size = layout.image_shape[:2]
+        episode["pixels"] = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in episode["pixels"]])
     episode["action"] = episode["action"].copy()
     episode["action"][-1] = 0  # no action follows an episode's last frame: 0 in leworld, NaN in the file
     for name in ("action", "state"):
@@ -151,6 +160,9 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
         except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
             raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
         recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
+        if cfg.resize is not None:
+            check_values(cfg, {"resize": (int, 8, None)})
+            layout.size = cfg.resize
         kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.image_shape[0]}
         env = envs.make(cfg.env.name, **kwargs)
         if layout.state_dim != env.state_dim or layout.action_dim != env.action_space.shape[0]:

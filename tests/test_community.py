@@ -304,3 +304,21 @@ def test_export_reads_with_stable_worldmodels_reader_and_imports_back(swm_file, 
 def test_a_file_without_its_env_asks_for_env(swm_file, tmp_path):
     done = run("collect", "import", f"path={swm_file[0]}", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert done.returncode == 2 and "pass env=" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_import_can_resize_the_frames(swm_file, tmp_path):
+    """LeWM's 224-px PushT set is ~350 GB as raw frames; resize= imports it at a CPU recipe's size."""
+    from PIL import Image
+
+    from leworld import hdf5
+
+    source, episodes = swm_file
+    out = tmp_path / "small"
+    hdf5.import_hdf5(import_cfg(source, out, "resize=16"))
+    dataset = EpisodeDataset.open(out)
+    assert dataset.meta["image_shape"] == [16, 16, 3] and dataset.meta["env"]["kwargs"]["image_size"] == 16
+    expected = [np.asarray(Image.fromarray(f).resize((16, 16), Image.Resampling.BILINEAR)) for f in episodes[0]["pixels"]]
+    assert np.array_equal(dataset.tensors["pixels"][:31].numpy(), np.stack(expected))
+    with pytest.raises(LeworldError, match="resize"):
+        hdf5.import_hdf5(import_cfg(source, tmp_path / "tiny", "resize=4"))
+    assert not (tmp_path / "tiny").exists()

@@ -1,4 +1,4 @@
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -10,10 +10,20 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("LP_NUM_THREADS", "0")
 
 
-# The community extra (pip install 'leworld[community]'): CI installs it through the test extra; a
-# machine without it skips what needs it, and says why.
-needs_community = pytest.mark.skipif(importlib.util.find_spec("gym_pusht") is None or importlib.util.find_spec("h5py") is None,
-                                     reason="needs the community extra: pip install 'leworld[community]'")
+def community_missing() -> str | None:
+    """Why the community extra (pip install 'leworld[community]') cannot be used here, or None. CI
+    installs it through the test extra; a machine without it (or without the libGL that OpenCV,
+    under gym-pusht, loads) skips what needs it, and says why."""
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    for module in ("h5py", "gym_pusht.envs"):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            return f"needs the community extra, pip install 'leworld[community]' ({err})"
+    return None
+
+
+needs_community = pytest.mark.skipif(community_missing() is not None, reason=str(community_missing()))
 
 
 def env_names() -> list:

@@ -30,7 +30,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.base import EnvError, Env
-from envs.pusht import ACTION_SCALE, AGENT_RADIUS, PushTEnv, PushTExpert, TBlock
+from envs.pusht import ACTION_SCALE, AGENT_RADIUS, PushTEnv, PushTExpert, TBlock, to_world
 
 # gym-pusht's T in its body frame: the bar from y = 0 to 30, the stem from 30 to 120; pymunk turns
 # it about the mean of the two parts' centroids, with a moment of inertia of 3000 (mass 1)
@@ -62,6 +62,15 @@ class GymPushTEnv(Env):
         self.physics_steps = int(round(1 / (self.sim.dt * self.sim.control_hz)))  # 10 at 100 Hz / 10 Hz
         self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float64)
         self.set_state(self.sample_state(np.random.default_rng(0)))
+
+    @classmethod
+    def probe_targets(cls, states: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Every entry (the angle as cos and sin), and the block's pivot (near its centre of mass):
+        the state's block x, y is the bar's outer edge, which swings 45 units around the pivot as the
+        block turns, so a probe of it also asks for the angle; leworld's PushT reports the centre."""
+        targets, names = super().probe_targets(states)
+        pivot = to_world(np.array(GYM_PUSHT_T.pivot), states[:, 2:4], states[:, 4])  # (N, 2)
+        return np.concatenate([targets, pivot], 1), names + ["block_pivot_x", "block_pivot_y"]
 
     def sample_state(self, rng: np.random.Generator) -> np.ndarray:
         """gym-pusht's reset draws (agent in [50, 450]², block in [100, 400]², any angle), at rest

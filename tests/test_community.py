@@ -110,6 +110,12 @@ def test_gym_pusht_block_geometry_is_gym_pushts():
     assert block.moment == pytest.approx(GYM_PUSHT_T.gyration**2) and tuple(block.center_of_gravity) == GYM_PUSHT_T.pivot
     corners = {tuple(v) for shape in block.shapes for v in shape.get_vertices()}
     assert {tuple(v) for v in GYM_PUSHT_T.outline()} == corners
+    # the probe's pivot is where pymunk puts the block's centre of gravity
+    states = np.stack([env.sample_state(np.random.default_rng(i)) for i in range(4)])
+    targets, names = env.probe_targets(states)
+    for state, target in zip(states, targets):
+        env.set_state(state)
+        np.testing.assert_allclose(target[names.index("block_pivot_x"):], block.local_to_world(block.center_of_gravity))
 
 
 def test_gym_pusht_frames_are_a_function_of_the_state():

@@ -114,7 +114,8 @@ def test_gym_pusht_block_geometry_is_gym_pushts():
     states = np.stack([env.sample_state(np.random.default_rng(i)) for i in range(4)])
     targets, names = env.probe_targets(states)
     for state, target in zip(states, targets):
-        env.set_state(state)
+        env.set_state(state)  # a fresh pymunk space: a new block body
+        block = env.sim.block
         np.testing.assert_allclose(target[names.index("block_pivot_x"):], block.local_to_world(block.center_of_gravity))
 
 

@@ -5,8 +5,9 @@
     python3 bootstrap.py test [pytest args ...]  the whole test suite
 
 Both create .venv beside this file on first use (again whenever pyproject.toml changes), so they
-work on a machine that has nothing but Python 3.10+. Only the standard library is used here.
-torch is installed first and on its own: on a machine without an NVIDIA driver it comes from
+work on a machine that has nothing but Python 3.10+: `main` with the community extra (gym-pusht,
+HDF5), `test` with the test extra (that, pytest, and stable-worldmodel). Only the standard
+library is used here. torch is installed first and on its own: on a machine without an NVIDIA driver it comes from
 PyTorch's CPU index, so no CUDA packages are downloaded, and the project's own install then finds
 it already satisfied. Set LEWORLD_VENV to put the environment elsewhere.
 """
@@ -37,28 +38,33 @@ def pip_install(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def ensure_environment() -> None:
-    stamp = VENV / ".leworld-installed"
+def ensure_environment(extra: str) -> None:
+    """The venv with leworld and `extra` installed: community for the main job (gym-pusht, HDF5),
+    test for the tests (community, pytest, and stable-worldmodel to write HDF5 files with)."""
+    stamp = VENV / ".leworld-installed"  # the pyproject.toml it was made from, then the extras in it
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if stamp.exists() and stamp.read_text() == wanted:
+    made = stamp.read_text().split() if stamp.exists() else []
+    if made[:1] == [wanted] and extra in made[1:]:
         return
     if not venv_python().exists():
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     has_nvidia_gpu = shutil.which("nvidia-smi") is not None
     pip_install(TORCH, *([] if has_nvidia_gpu else ["--extra-index-url", TORCH_CPU_INDEX]))
-    pip_install("-e", f"{ROOT}[test]")
-    stamp.write_text(wanted)
+    pip_install("-e", f"{ROOT}[{extra}]")
+    extras = {extra, "community"} | (set(made[1:]) if made[:1] == [wanted] else set())
+    stamp.write_text(" ".join([wanted, *sorted(extras)]))
 
 
 def main() -> None:
     if sys.version_info < (3, 10):
         sys.exit(f"error: leworld needs Python 3.10 or newer, this is {sys.version.split()[0]}")
     verbs = {"main": MAIN, "test": TEST}
+    extras = {"main": "community", "test": "test"}
     if len(sys.argv) < 2 or sys.argv[1] not in verbs:
         sys.exit("usage: python3 bootstrap.py main|test [arguments passed on ...]")
     try:
-        ensure_environment()
+        ensure_environment(extras[sys.argv[1]])
     except subprocess.CalledProcessError as err:
         sys.exit(f"error: installing into {VENV} failed ({err.cmd[-1]}); fix the message above and run again")
     os.chdir(ROOT)

@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,26 @@ def codec(action_dim=2, frameskip=2, mean=0.0, std=1.0):
 
 def run(verb, *args, **kwargs):
     return subprocess.run([sys.executable, "-m", f"leworld.{verb}", *args], capture_output=True, text=True, **kwargs)
+
+
+def train_probe_and_plan(tmp_path, env: str, eval_args: list[str]) -> tuple:
+    """The whole path on `env` from the command line: train collects its missing dataset, trains a
+    tiny model and probes it; eval plans with the checkpoint and with the simulator (model=oracle).
+    -> the run folder and its probe.json."""
+    data, run_dir = tmp_path / env, tmp_path / "run"
+    tiny = [a for a in TINY_RUN if not a.startswith("env=")]
+    done = run("train", *tiny, f"env={env}", f"data.path={data}", "train.epochs=2", f"run_dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((data / "meta.json").read_text())["env"]["name"] == env
+    for model in [f"ckpt={run_dir}", "model=oracle"]:
+        out = tmp_path / model.split("=")[0]
+        oracle = [f"env={env}", "env.kwargs.image_size=32", f"data_path={data}", "model.frameskip=2"]
+        done = run("eval", model, *(oracle if model == "model=oracle" else []), *eval_args, "protocol.videos=0",
+                   f"out_dir={out}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((out / "eval.json").read_text())["summary"]
+        assert 0 <= summary["planner"]["success_rate"] <= 1 and "random" in summary
+    return run_dir, json.loads((run_dir / "probe.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, run
+from conftest import run, train_probe_and_plan
 from omegaconf import OmegaConf
 
 import envs
@@ -196,19 +196,6 @@ def test_the_simulator_objective_scores_the_state_a_plan_reaches(data_path):
 def test_cube_collects_trains_probes_and_plans_from_the_command_line(tmp_path):
     """The 3-D task on the whole path: train collects its missing dataset (4-D actions), probes the
     cube's pose as tilt and yaw, and eval plans with the checkpoint and with the simulator."""
-    data, run_dir = tmp_path / "cube", tmp_path / "run"
-    tiny = [a for a in TINY_RUN if not a.startswith("env=")]
-    done = run("train", *tiny, "env=cube", f"data.path={data}", "train.epochs=2", f"run_dir={run_dir}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert EpisodeDataset.open(data).meta["env"]["name"] == "cube"
-    probe = json.loads((run_dir / "probe.json").read_text())
+    run_dir, probe = train_probe_and_plan(tmp_path, "cube", SMALL)
     assert {"cube_z", "cube_tilt", "cube_yaw4.cos"} <= set(probe["r2"]["trained"])
     assert load_world_model(run_dir).codec.block_dim == 4 * 2  # 4-D actions, frameskip 2
-    for model in [f"ckpt={run_dir}", "model=oracle"]:
-        out = tmp_path / model.split("=")[0]
-        oracle = ["env=cube", "env.kwargs.image_size=32", f"data_path={data}", "model.frameskip=2"]
-        extra = oracle if model == "model=oracle" else []
-        done = run("eval", model, *extra, *SMALL, "protocol.videos=0", f"out_dir={out}", cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        summary = json.loads((out / "eval.json").read_text())["summary"]
-        assert 0 <= summary["planner"]["success_rate"] <= 1 and "random" in summary

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -62,28 +63,32 @@ class Layout:
 
     keys: dict  # our name -> the file's column
     lengths: np.ndarray  # (E,)
-    offsets: np.ndarray  # (E,)
+    offsets: np.ndarray  # (E,) each episode's first row in the file
     file_size: int  # the file's frames are file_size x file_size
+    size: int  # the dataset's frames (resized where it differs from file_size)
     action_dim: int
     state_dim: int
-    size: int = 0  # the dataset's frames (resized where it differs from file_size; 0: file_size)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.size or self.file_size,) * 2 + (3,)
+        return (self.size, self.size, 3)
 
     @property
     def num_frames(self) -> int:
         return int(self.lengths.sum())
 
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """(E,) each episode's first row in the leworld dataset (which has no gaps between episodes)."""
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+
     def rows(self, index: int) -> slice:
-        """Episode `index`'s rows in the leworld dataset (which has no gaps between episodes)."""
-        start = int(self.lengths[:index].sum())
-        return slice(start, start + int(self.lengths[index]))
+        return slice(int(self.starts[index]), int(self.starts[index] + self.lengths[index]))
 
 
-def read_layout(file, source: Path, keys: dict) -> Layout:
-    """The layout of an open HDF5 file, or a LeworldError naming the first thing wrong with it."""
+def read_layout(file, source: Path, keys: dict, resize: int | None = None) -> Layout:
+    """The layout of an open HDF5 file (its frames to be resized to `resize`, if given), or a
+    LeworldError naming the first thing wrong with it."""
     columns = sorted(file.keys())
     for name, column in {**keys, "ep_len": "ep_len", "ep_offset": "ep_offset"}.items():
         if column not in file:
@@ -107,15 +112,15 @@ def read_layout(file, source: Path, keys: dict) -> Layout:
         bad = int(np.flatnonzero((lengths < 1) | (offsets < 0) | (offsets + lengths > len(pixels)))[0])
         raise LeworldError(f"{source}: episode {bad} (rows {offsets[bad]} to {offsets[bad] + lengths[bad]}) does not fit "
                            f"in its {len(pixels)} rows: ep_len / ep_offset disagree with the columns (a truncated file?)")
-    return Layout(keys, lengths, offsets, pixels.shape[1], action.shape[1], state.shape[1])
+    return Layout(keys, lengths, offsets, pixels.shape[1], resize or pixels.shape[1], action.shape[1], state.shape[1])
 
 
 def read_episode(file, layout: Layout, index: int, source: Path) -> dict[str, np.ndarray]:
     """One episode's rows, checked: every number finite but the action after the last frame."""
     rows = slice(int(layout.offsets[index]), int(layout.offsets[index] + layout.lengths[index]))
     episode = {name: file[column][rows] for name, column in layout.keys.items()}
-    if layout.image_shape[0] != layout.file_size:
-        size = layout.image_shape[:2]
+    if layout.size != layout.file_size:
+        size = (layout.size, layout.size)
         episode["pixels"] = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in episode["pixels"]])
     episode["action"] = episode["action"].copy()
     episode["action"][-1] = 0  # no action follows an episode's last frame: 0 in leworld, NaN in the file
@@ -154,16 +159,15 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
         raise LeworldError(f"{root} already holds a dataset; choose another out= or delete it")
     if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
         raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
+    if cfg.resize is not None:
+        check_values(cfg, {"resize": (int, 8, None)})
     with open_file(h5py, source) as file:
         try:
-            layout = read_layout(file, source, dict(cfg.columns))
+            layout = read_layout(file, source, dict(cfg.columns), cfg.resize)
         except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
             raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
         recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
-        if cfg.resize is not None:
-            check_values(cfg, {"resize": (int, 8, None)})
-            layout.size = cfg.resize
-        kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.image_shape[0]}
+        kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.size}
         env = envs.make(cfg.env.name, **kwargs)
         if layout.state_dim != env.state_dim or layout.action_dim != env.action_space.shape[0]:
             raise LeworldError(f"{source} has states of {layout.state_dim} and actions of {layout.action_dim} numbers, "

@@ -2,12 +2,13 @@
 other JSON-able facts) in its metadata.
 
 Loading reads tensors and JSON only, never unpickles objects, and survives renamed Python classes.
-Saving is atomic: the file is written beside its destination, flushed to disk and renamed over it,
-so a crash while saving leaves the previous checkpoint intact.
+It reads the file into memory rather than mapping it, so that a checkpoint a resumed run replaces
+is not kept alive on disk by a mapping (a run that needs room for two checkpoints would need three).
+Saving is atomic: the file is written beside its destination under a name of its own, flushed to
+disk and renamed over it, so a crash while saving leaves the previous checkpoint intact.
 """
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from leworld import LeworldError
+from leworld.folders import write_atomically
 
 FORMAT = "leworld"
 VERSION = 1
@@ -37,15 +39,9 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict, 
     path = Path(path)
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config), "info": json.dumps(info)}
     payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, metadata)
-    partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        write_atomically(path, payload, sync=True)
     except OSError as err:
-        partial.unlink(missing_ok=True)
         kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was kept"
         raise LeworldError(f"could not write {path} ({err.strerror or err}; {len(payload) / 2**20:.0f} MiB); {kept}: "
                            "free space or make the folder writable") from None
@@ -65,9 +61,9 @@ def resolve_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     path = resolve_path(path)
     try:
-        tensors = load_file(path, device=str(map_location))
-        with open(path, "rb") as f:  # the metadata sits in the JSON header after an 8-byte length
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        data = path.read_bytes()
+        tensors = {name: t.to(map_location) for name, t in load(data).items()}
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the JSON header after its length
     except (SafetensorError, OSError, ValueError) as err:
         raise LeworldError(f"{path} is not a readable safetensors checkpoint ({err}); it may be truncated or corrupt") from None
     metadata = header.get("__metadata__", {})

@@ -13,6 +13,9 @@ episode; `resume=true` collects only the missing ones.
 
 A folder being collected into holds collection.json (the settings that decide its episodes) until
 meta.json replaces it: only such a folder is resumed or cleaned up, and only with the same settings.
+The collecting process holds the folder's lock (leworld/folders.py): a second collection into it,
+resumed or not, is refused while the first runs. Ctrl-C or SIGTERM ends it with the command that
+finishes it.
 """
 
 import ctypes
@@ -34,11 +37,21 @@ from tqdm import tqdm
 
 import envs
 from leworld import LeworldError
-from leworld.data import FORMAT, VERSION, dataset_problems
-from leworld.runtime import check_values, run_main
+from leworld.data import FORMAT, VERSION, content_fingerprint, dataset_problems
+from leworld.folders import check_free_space, entries, lock_folder, write_atomically
+from leworld.runtime import MAX_IMAGE_SIZE, Stopped, check_values, run_main
 
 EPISODE_FILE = "ep_{:06d}.npz"
 MARKER = "collection.json"  # dataset_problems (data.py) knows this name too
+
+# Every numeric setting of an env config (configs/env/*.yaml), and its range: what train and collect share.
+ENV_RULES = {"env.kwargs.image_size": (int, 8, MAX_IMAGE_SIZE), "env.episode_length": (int, 1, None),
+             "env.expert_fraction": (float, 0, 1), **{f"env.scale.{scale}.{key}": rule for scale in ("cpu", "gpu")
+                                                      for key, rule in (("episodes", (int, 1, None)),
+                                                                        ("image_size", (int, 8, MAX_IMAGE_SIZE)))}}
+# python -m leworld.collect's (import's resize: leworld/hdf5.py)
+RULES = {"episodes": (int, 1, None), "episode_length": (int, 1, None), "workers": (int, 1, None),
+         "expert_fraction": (float, 0, 1), "noise": (float, 0, None), "seed": (int, 0, None), **ENV_RULES}
 
 
 def env_kwargs(env_cfg: DictConfig) -> dict:
@@ -72,6 +85,7 @@ _worker = {}
 
 
 def _start_worker(env_name: str, kwargs: dict, spec: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the collector ends us
     if sys.platform.startswith("linux"):  # a killed collector must not leave its workers collecting
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != spec["parent"]:  # it died before prctl took effect
@@ -107,16 +121,6 @@ def column_statistics(values: np.ndarray) -> dict:
     """Per-column mean, std, min and max of (N, D) values, as meta.json stores them."""
     return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
             "min": values.min(0).tolist(), "max": values.max(0).tolist()}
-
-
-def check_free_space(root: Path, needed: int, fix: str = "free space or choose another path=") -> None:
-    """LeworldError unless the disk that holds (or will hold) `root` has `needed` bytes free: a full
-    disk under a memory map ends the process by SIGBUS, with no message."""
-    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    unit, scale = ("GB", 1e9) if max(needed, free) >= 1e8 else ("MB", 1e6)
-    if free < needed:
-        raise LeworldError(f"{root} needs {needed / scale:.1f} {unit} but its disk has {free / scale:.1f} {unit} free; {fix}")
 
 
 def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
@@ -161,6 +165,7 @@ def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
         experts.append(bool(episode["expert"]))
         start += length
     del tensors  # flush the memory maps before the folder is renamed
+    content = content_fingerprint(partial)  # from the files on disk, as a reader will find them
     shutil.rmtree(root / "tensors", ignore_errors=True)
     os.replace(partial, root / "tensors")
 
@@ -171,9 +176,9 @@ def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
         "state_dim": int(first["state"].shape[1]), "proprio_dim": int(first["proprio"].shape[1]) if "proprio" in first else 0,
         "expert_episodes": experts,
         "stats": {"action": column_statistics(np.concatenate(actions)), "state": column_statistics(np.concatenate(states))},
+        "content": content,
     }
-    (root / "meta.json.partial").write_text(json.dumps(meta, indent=1))
-    os.replace(root / "meta.json.partial", root / "meta.json")
+    write_atomically(root / "meta.json", json.dumps(meta, indent=1).encode())
 
 
 def unfinished_collection(path: str | Path) -> bool:
@@ -181,7 +186,7 @@ def unfinished_collection(path: str | Path) -> bool:
     False for nothing there, an empty folder, or a finished dataset (meta.json). Anything else is the
     user's, never to be collected into nor cleaned up: LeworldError."""
     root = Path(path)
-    if (root / "meta.json").exists() or not root.exists() or root.is_dir() and not any(root.iterdir()):
+    if (root / "meta.json").exists() or not root.exists() or root.is_dir() and not entries(root):
         return False
     if (root / MARKER).is_file():
         return True
@@ -219,13 +224,19 @@ def _frame_bytes(env: envs.Env, seed: int) -> int:
 def collect(cfg: DictConfig) -> Path:
     if cfg.workers == "auto":
         cfg.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    check_values(cfg, {"episodes": (int, 1, None), "episode_length": (int, 1, None), "workers": (int, 1, None),
-                       "expert_fraction": (float, 0, 1), "noise": (float, 0, None), "seed": (int, 0, None)})
+    check_values(cfg, RULES)
     kwargs = env_kwargs(cfg.env)
     env = envs.make(cfg.env.name, **kwargs)  # bad env settings fail here, in one line, before any file is made
     frame_bytes = _frame_bytes(env, cfg.seed)
     env.close()
     root = Path(cfg.path)
+    unfinished_collection(root)  # a folder of the user's is refused before anything is made in it
+    with lock_folder(root, "wait for it to end (a second collection there would write the same episodes), or choose another path="):
+        return _collect_into(root, cfg, kwargs, frame_bytes)
+
+
+def _collect_into(root: Path, cfg: DictConfig, kwargs: dict, frame_bytes: int) -> Path:
+    """The collection, in a folder this process holds the lock of."""
     if (root / "meta.json").exists():
         raise LeworldError(f"{root} already holds a finished dataset; choose another path= or delete it")
     settings = collection_settings(cfg)
@@ -238,10 +249,8 @@ def collect(cfg: DictConfig) -> Path:
     todo = [i for i in range(cfg.episodes) if i not in done]
     check_free_space(root, (len(todo) + cfg.episodes) * (cfg.episode_length + 1) * frame_bytes)
     try:
-        root.mkdir(parents=True, exist_ok=True)
         # before anything else, the marker that makes the folder leworld's (rewritten on resume: proves it writable)
-        (root / f"{MARKER}.partial").write_text(json.dumps(settings, indent=1))
-        os.replace(root / f"{MARKER}.partial", root / MARKER)
+        write_atomically(root / MARKER, json.dumps(settings, indent=1).encode())
         episodes_dir.mkdir(exist_ok=True)
         for stale in episodes_dir.glob("*.partial.npz"):  # written when a run was killed: incomplete
             stale.unlink()
@@ -253,20 +262,26 @@ def collect(cfg: DictConfig) -> Path:
           + (f"; {len(done)} already there" if done else ""))
     spec = {"seed": cfg.seed, "expert_fraction": cfg.expert_fraction, "noise": cfg.noise,
             "episode_length": cfg.episode_length, "folder": str(episodes_dir), "parent": os.getpid()}
-    if todo:
-        with mp.get_context("spawn").Pool(cfg.workers, _start_worker, (cfg.env.name, kwargs, spec)) as pool:
-            finished = pool.imap_unordered(_collect_one, todo)
-            list(tqdm(finished, total=len(todo), desc="episodes", dynamic_ncols=True))
-
     files = [episodes_dir / EPISODE_FILE.format(i) for i in range(cfg.episodes)]
     meta = {"env": {"name": cfg.env.name, "id": envs.IDS[cfg.env.name], "kwargs": kwargs},
             "collection": OmegaConf.to_container(cfg, resolve=True)}
     try:
+        if todo:
+            with mp.get_context("spawn").Pool(cfg.workers, _start_worker, (cfg.env.name, kwargs, spec)) as pool:
+                finished = pool.imap_unordered(_collect_one, todo)
+                list(tqdm(finished, total=len(todo), desc="episodes", dynamic_ncols=True))
         write_dataset(root, files, meta)
     except OSError as err:
         shutil.rmtree(root / "tensors.partial", ignore_errors=True)
         raise LeworldError(f"could not write the dataset in {root} ({err.strerror or err}); free space, then run "
                            "again with resume=true (the episodes are kept)") from None
+    except KeyboardInterrupt as stop:
+        kept = len(list(episodes_dir.glob("ep_*[0-9].npz")))
+        finish = " ".join(["python -m leworld.collect", *(f"{k}={v}" for k, v in settings.items()), f"path={root}",
+                           "resume=true"])
+        print(f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'}: {kept} of {cfg.episodes} "
+              f"episodes are kept in {root}; {finish} finishes the collection", file=sys.stderr)
+        raise
     shutil.rmtree(episodes_dir)
     (root / MARKER).unlink()  # meta.json marks the folder from now on
     frames = sum(json.loads((root / "meta.json").read_text())["episode_lengths"])

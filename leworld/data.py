@@ -2,7 +2,8 @@
 
 A dataset folder (written by `python -m leworld.collect`) holds
 
-    meta.json    env and its config, collection policy and seed, action/state statistics, format
+    meta.json    env and its config, collection policy and seed, action/state statistics, format,
+                 and the content fingerprint of the tensors (below)
     tensors/     a tensordict memmap, one row per frame:
                    pixels  (N, H, W, 3) uint8    the frame seen at that step
                    action  (N, A) float32        the action taken after seeing it (0 after an episode's last frame)
@@ -14,6 +15,13 @@ A clip is T frames taken every `frameskip` steps, t, t+fs, ..., t+(T−1)·fs, a
 the fs raw actions that follow it, concatenated into one action chunk of fs·A numbers and
 normalised (ActionCodec): chunk k is what moves frame k to frame k+1. A clip never
 crosses an episode boundary.
+
+The content fingerprint (format 2): for each tensor file its size, the SHA-256 of all its bytes,
+and the SHA-256 of 64 blocks of 64 KiB spread evenly through it, computed by the writer from the
+files on disk. Opening a dataset checks the sampled blocks (a few MiB read, whatever its size): a
+file replaced by another collection's or overwritten is refused. `collect verify` checks every
+byte. A checkpoint records a hash of meta.json, and so of this fingerprint: a resumed run or an
+evaluation knows its data by content, not by name.
 """
 
 import dataclasses
@@ -30,18 +38,57 @@ from torch import Tensor
 
 from leworld import LeworldError
 
-FORMAT, VERSION = "leworld-dataset", 1
+FORMAT, VERSION = "leworld-dataset", 2  # 2: meta.json holds the content fingerprint
 FLOAT_KEYS = ("action", "state", "proprio")
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 16
+
+
+def _digest(file: Path, blocks: int | None = None) -> str:
+    """SHA-256 of a file's bytes: all of them, or `blocks` blocks of BLOCK_BYTES spread evenly
+    through it (the whole file when it is no bigger than those) with its size."""
+    size, sha = file.stat().st_size, hashlib.sha256()
+    with open(file, "rb") as f:
+        if blocks is None or size <= blocks * BLOCK_BYTES:
+            while chunk := f.read(1 << 23):
+                sha.update(chunk)
+        else:
+            sha.update(size.to_bytes(8, "little"))
+            for i in range(blocks):
+                f.seek(i * (size - BLOCK_BYTES) // (blocks - 1))
+                sha.update(f.read(BLOCK_BYTES))
+    return sha.hexdigest()
+
+
+def content_fingerprint(tensors: Path) -> dict:
+    """The fingerprint of a tensors/ folder's files as meta.json stores it (see the docstring)."""
+    return {file.stem: {"bytes": file.stat().st_size, "sha256": _digest(file),
+                        "sampled_sha256": _digest(file, SAMPLED_BLOCKS)} for file in sorted(tensors.glob("*.memmap"))}
+
+
+def fingerprint_problems(tensors: Path, meta: dict, full: bool) -> list[str]:
+    """Tensor files whose bytes differ from meta.json's content fingerprint (sampled blocks, or
+    every byte when `full`); none for a format-1 dataset, which has no fingerprint."""
+    problems = []
+    for key, expected in meta.get("content", {}).items():
+        file = tensors / f"{key}.memmap"
+        if not file.is_file() or file.stat().st_size != expected["bytes"]:
+            problems.append(f"{file} is missing or not {expected['bytes']} bytes")
+        elif (_digest(file) != expected["sha256"]) if full else (_digest(file, SAMPLED_BLOCKS) != expected["sampled_sha256"]):
+            problems.append(f"{file} is not the file this dataset was written with (its bytes differ from meta.json's "
+                            "content fingerprint: replaced, overwritten or damaged); put the original back or collect "
+                            "the dataset again")
+    return problems
 
 
 def dataset_problems(path: str | Path, content: bool = False) -> list[str]:
-    """What is wrong with a dataset folder (empty list: nothing). The structural checks read no
-    data; `content=True` also reads the episode indices and checks every number is finite."""
+    """What is wrong with a dataset folder (empty list: nothing). The structural checks read a few
+    MiB (the sampled content fingerprint); `content=True` checks every byte against the
+    fingerprint, reads the episode indices and checks every number is finite."""
     root = Path(path)
     meta, problems = read_meta(root)
     if problems:
         return problems
-    problems = layout_problems(root / "tensors", meta)
+    problems = layout_problems(root / "tensors", meta) or fingerprint_problems(root / "tensors", meta, full=content)
     if problems or not content:
         return problems
     return content_problems(TensorDict.load_memmap(root / "tensors"), meta)
@@ -89,6 +136,11 @@ def read_meta(root: Path) -> tuple[dict | None, list[str]]:
             isinstance(action_stats.get(k), list) and len(action_stats[k]) == meta["action_dim"]
             and all(isinstance(x, (int, float)) and np.isfinite(x) for x in action_stats[k]) for k in ("mean", "std")):
         return None, [damaged + "it lacks the env's name or the finite mean and std of the actions"]
+    content = meta.get("content")
+    if meta.get("version", 1) >= 2 and not (isinstance(content, dict) and content and all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("sampled_sha256"), str) for entry in content.values())):
+        return None, [damaged + "its 'content' fingerprint is missing or malformed"]
     return meta, []
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import envs
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.checkpoint import resolve_path
 from leworld.data import ActionCodec, EpisodeDataset
 from leworld.models import DataRecord, EnvSpec, WorldModel, load_world_model, open_dataset
@@ -133,14 +133,8 @@ def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offs
     return dataset.episode_starts[chosen] + rng.integers(0, dataset.episode_lengths[chosen] - offset)
 
 
-PROTOCOL_RULES = {"protocol.episodes": (int, 1, None), "protocol.goal_offset": (int, 1, None),
-                  "protocol.budget": (int, 1, None), "protocol.horizon": (int, 1, None), "protocol.batch": (int, 1, None),
-                  "protocol.videos": (int, 0, None)}
-
-
 def check_protocol(cfg: DictConfig) -> None:
-    """Check the protocol's values (cfg holds `protocol`) before any planning or training."""
-    check_values(cfg, PROTOCOL_RULES)
+    """What the protocol's values (checked one by one in leworld/settings.py) must satisfy together."""
     protocol = cfg.protocol
     if protocol.receding_horizon is not None and not 0 < protocol.receding_horizon <= protocol.horizon:
         raise LeworldError(f"protocol.receding_horizon={protocol.receding_horizon} must be between 1 and "
@@ -284,6 +278,7 @@ def plan_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path
 
 
 def run_eval(cfg: DictConfig) -> dict:
+    check_values(cfg, settings.evaluate(cfg))
     check_protocol(cfg)
     device = pick_device(cfg.device)
     kind = OmegaConf.select(cfg, "model.type")

@@ -16,8 +16,10 @@ records the file and how many episodes are in), so that files bigger than memory
 interrupted import continues with resume=true. Each episode is checked before it is written, the
 whole dataset is read back and compared with the file, and only then is meta.json written. A
 file that cannot be read, lacks a column or disagrees with itself is refused in one line and
-leaves nothing behind. Export writes <file>.partial and renames it once complete; its attributes
-name leworld's env, so that the file imports back without env=.
+leaves nothing behind. The importing process holds the folder's lock (leworld/folders.py). Export
+writes a file of its own beside <file> (a hidden name with a unique suffix) and gives it the name
+<file> once complete, never over a file that is there; its attributes name leworld's env, so that
+the file imports back without env=.
 """
 
 import json
@@ -36,9 +38,11 @@ from tqdm import tqdm
 
 import envs
 from leworld import LeworldError
-from leworld.collect import check_free_space, column_statistics, env_kwargs
-from leworld.data import FORMAT, VERSION, EpisodeDataset, content_problems
-from leworld.runtime import check_values, load_config
+from leworld.collect import column_statistics, env_kwargs
+from leworld.data import FORMAT, VERSION, EpisodeDataset, content_fingerprint, content_problems
+from leworld.folders import (check_free_space, entries, lock_folder, move_without_overwriting, unique_partial,
+                             write_atomically)
+from leworld.runtime import MAX_IMAGE_SIZE, check_values, load_config, nullable
 
 IMPORT_MARKER = "import.json"  # read_meta (data.py) knows this name too
 ENV_ATTRIBUTE, KWARGS_ATTRIBUTE = "leworld_env", "leworld_env_kwargs"
@@ -155,42 +159,43 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
             raise LeworldError(f"{source} does not say which environment it was recorded in; pass env=<"
                                f"{'|'.join(envs.ENVS)}> (stable-worldmodel's PushT is env=gym_pusht)")
         cfg.env = load_config("collect", [f"env={name}"]).env
+    if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or entries(root)):
+        raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
+    check_values(cfg, {"resize": nullable((int, 8, MAX_IMAGE_SIZE))})
+    with open_file(h5py, source) as file, lock_folder(root, "wait for it to end, or choose another out="):
+        return _import_into(root, file, source, cfg)
+
+
+def _import_into(root: Path, file, source: Path, cfg: DictConfig) -> Path:
+    """The import, into a folder this process holds the lock of."""
     if (root / "meta.json").exists():
         raise LeworldError(f"{root} already holds a dataset; choose another out= or delete it")
-    if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
-        raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
-    if cfg.resize is not None:
-        check_values(cfg, {"resize": (int, 8, None)})
-    with open_file(h5py, source) as file:
-        try:
-            layout = read_layout(file, source, dict(cfg.columns), cfg.resize)
-        except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
-            raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
-        recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
-        kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.size}
-        env = envs.make(cfg.env.name, **kwargs)
-        if layout.state_dim != env.state_dim or layout.action_dim != env.action_space.shape[0]:
-            raise LeworldError(f"{source} has states of {layout.state_dim} and actions of {layout.action_dim} numbers, "
-                               f"env={cfg.env.name} {env.state_dim} and {env.action_space.shape[0]}; pass the env it was "
-                               "recorded in (stable-worldmodel's PushT is env=gym_pusht)")
-        stat = source.stat()
-        settings = {"source": str(source.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns,
-                    "env": cfg.env.name, "env_kwargs": kwargs, "keys": layout.keys}
-        done = _episodes_done(root, settings, cfg.resume)
-        made_root = not root.exists()
-        try:
-            tensors = _start(root, settings, layout, env) if done is None else TensorDict.load_memmap(root / "tensors.partial")
-            _copy(file, source, layout, env, tensors, done or 0, root, settings)
-            print("checking the dataset against the file")
-            _compare(file, source, layout, tensors)
-        except (LeworldError, OSError) as err:  # a bad file or a full disk: leave nothing half written
-            shutil.rmtree(root / "tensors.partial", ignore_errors=True)
-            (root / IMPORT_MARKER).unlink(missing_ok=True)
-            if made_root:
-                shutil.rmtree(root, ignore_errors=True)
-            if isinstance(err, LeworldError):
-                raise
-            raise LeworldError(f"reading {source} or writing {root} failed ({err}); nothing was kept") from None
+    try:
+        layout = read_layout(file, source, dict(cfg.columns), cfg.resize)
+    except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
+        raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
+    recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
+    kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.size}
+    env = envs.make(cfg.env.name, **kwargs)
+    if layout.state_dim != env.state_dim or layout.action_dim != env.action_space.shape[0]:
+        raise LeworldError(f"{source} has states of {layout.state_dim} and actions of {layout.action_dim} numbers, "
+                           f"env={cfg.env.name} {env.state_dim} and {env.action_space.shape[0]}; pass the env it was "
+                           "recorded in (stable-worldmodel's PushT is env=gym_pusht)")
+    stat = source.stat()
+    settings = {"source": str(source.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns,
+                "env": cfg.env.name, "env_kwargs": kwargs, "keys": layout.keys}
+    done = _episodes_done(root, settings, cfg.resume)
+    try:
+        tensors = _start(root, settings, layout, env) if done is None else TensorDict.load_memmap(root / "tensors.partial")
+        _copy(file, source, layout, env, tensors, done or 0, root, settings)
+        print("checking the dataset against the file")
+        _compare(file, source, layout, tensors)
+    except (LeworldError, OSError) as err:  # a bad file or a full disk: leave nothing half written
+        shutil.rmtree(root / "tensors.partial", ignore_errors=True)
+        (root / IMPORT_MARKER).unlink(missing_ok=True)  # the folder itself goes with the lock, if this import made it
+        if isinstance(err, LeworldError):
+            raise
+        raise LeworldError(f"reading {source} or writing {root} failed ({err}); nothing was kept") from None
     _finish(root, tensors, layout, env, settings)
     print(f"imported {source} into {root}: {len(layout.lengths)} episodes, {layout.num_frames} frames of "
           f"{'x'.join(map(str, layout.image_shape))} (env={cfg.env.name})")
@@ -231,14 +236,12 @@ def _start(root: Path, settings: dict, layout: Layout, env) -> TensorDict:
     if proprio_dim(env):
         tensors["proprio"] = torch.zeros(()).expand(n, proprio_dim(env))
     check_free_space(root, sum(t.numel() * t.element_size() for t in tensors.values()), "free space or choose another out=")
-    root.mkdir(parents=True, exist_ok=True)
     _mark(root, settings, 0)
     return TensorDict(tensors, batch_size=[n]).memmap_like(root / "tensors.partial")
 
 
 def _mark(root: Path, settings: dict, episodes_done: int) -> None:
-    (root / f"{IMPORT_MARKER}.partial").write_text(json.dumps({**settings, "episodes_done": episodes_done}, indent=1))
-    os.replace(root / f"{IMPORT_MARKER}.partial", root / IMPORT_MARKER)
+    write_atomically(root / IMPORT_MARKER, json.dumps({**settings, "episodes_done": episodes_done}, indent=1).encode())
 
 
 def _copy(file, source: Path, layout: Layout, env, tensors: TensorDict, done: int, root: Path, settings: dict) -> None:
@@ -279,6 +282,7 @@ def _finish(root: Path, tensors: TensorDict, layout: Layout, env, settings: dict
     # in float64, as the collector computes them (from its float64 episodes): float32 sums drift over millions of rows
     actions, states = tensors["action"].numpy()[acted].astype(np.float64), tensors["state"].numpy().astype(np.float64)
     del tensors
+    content = content_fingerprint(root / "tensors.partial")
     os.replace(root / "tensors.partial", root / "tensors")
     meta = {"format": FORMAT, "version": VERSION, "env": {"name": settings["env"], "id": envs.IDS[settings["env"]],
                                                            "kwargs": settings["env_kwargs"]},
@@ -287,9 +291,8 @@ def _finish(root: Path, tensors: TensorDict, layout: Layout, env, settings: dict
             "episode_lengths": layout.lengths.tolist(), "image_shape": list(layout.image_shape),
             "action_dim": layout.action_dim, "state_dim": layout.state_dim,
             "proprio_dim": proprio_dim(env),
-            "stats": {"action": column_statistics(actions), "state": column_statistics(states)}}
-    (root / "meta.json.partial").write_text(json.dumps(meta, indent=1))
-    os.replace(root / "meta.json.partial", root / "meta.json")
+            "stats": {"action": column_statistics(actions), "state": column_statistics(states)}, "content": content}
+    write_atomically(root / "meta.json", json.dumps(meta, indent=1).encode())
     (root / IMPORT_MARKER).unlink()
 
 
@@ -301,11 +304,12 @@ def export_hdf5(cfg: DictConfig) -> Path:
     dataset, out = EpisodeDataset.open(cfg.path), Path(cfg.out)
     if out.exists():
         raise LeworldError(f"{out} exists; exports never overwrite: choose another out= or delete it")
-    partial = out.with_name(out.name + ".partial")
     tensors, n = dataset.tensors, dataset.meta["num_frames"]
     columns = ["pixels", "action", "state"] + (["proprio"] if "proprio" in tensors.keys() else [])
+    partial = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        partial = unique_partial(out)
         check_free_space(out.parent, sum(tensors[c].numel() * tensors[c].element_size() for c in columns), "free space or choose another out=")
         with h5py.File(partial, "w") as file:
             for name in columns:
@@ -326,13 +330,19 @@ def export_hdf5(cfg: DictConfig) -> Path:
                         values = values.copy()
                         values[-1] = np.nan  # stable-worldmodel's convention: no action after the last frame
                     file[name][rows] = values
-        os.replace(partial, out)
+    except BaseException as err:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise LeworldError(f"could not write {out} ({err}); nothing was kept") from None
+        raise
+    try:
+        move_without_overwriting(partial, out)
     except OSError as err:
         partial.unlink(missing_ok=True)
-        raise LeworldError(f"could not write {out} ({err}); nothing was kept") from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        why = "someone made it while this export ran" if isinstance(err, FileExistsError) else err
+        raise LeworldError(f"could not name the export {out} ({why}); exports never overwrite: choose another out= or "
+                           "delete it") from None
     print(f"exported {dataset.path} to {out}: {dataset.num_episodes} episodes, {n} frames "
           f"(columns {', '.join(columns)}, ep_len, ep_offset)")
     return out

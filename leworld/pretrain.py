@@ -23,14 +23,14 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.augment import MultiCrop
 from leworld.checkpoint import FILENAME, load_checkpoint, load_weights, save_checkpoint, select
 from leworld.images import ImageBatches, ImageSet, load_image_set
 from leworld.nn import Projector, build_backbone
 from leworld.optim import Optimisation, check_finite
 from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
-from leworld.runtime import (Processes, RunLog, autocast, check_values, new_run_dir, run_main, seed_everything,
+from leworld.runtime import (Processes, RunLog, autocast, check_values, discard_run, new_run_dir, run_main, seed_everything,
                              start_processes)
 from leworld.sigreg import SIGReg
 
@@ -145,13 +145,12 @@ def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, va
     return results
 
 
-RULES = {"train.epochs": (int, 1, None), "train.batch_size": (int, 1, None), "train.lr": (float, 0, None),
-         "train.weight_decay": (float, 0, None), "train.warmup": (float, 0, 1), "train.log_every": (int, 1, None),
-         "train.save_every_epochs": (int, 0, None), "train.workers": (int, 0, None), "seed": (int, 0, None)}
-
-
 def pretrain(cfg: DictConfig) -> dict:
-    check_values(cfg, RULES)
+    check_values(cfg, settings.pretrain(cfg))
+    for key in ("views.global.scale", "views.local.scale", "augment.blur.sigma"):
+        bounds = list(OmegaConf.select(cfg, key))
+        if len(bounds) != 2 or bounds[0] > bounds[1]:
+            raise LeworldError(f"{key}={bounds}: it must be [lowest, highest]")
     procs = start_processes(cfg.device)
     device = procs.device
     seed_everything(cfg.seed)  # the same initial weights on every process
@@ -166,29 +165,38 @@ def pretrain(cfg: DictConfig) -> dict:
         probe = OnlineProbe(opt.model.backbone.feature_dim, len(train_set.classes), cfg.probe.online_lr, device)
 
     # only now, with data and model in hand, is there a run to record
-    run_dir = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
-    log = RunLog(run_dir, cfg, enabled=procs.is_main)
-    log.print(f"data: {train_set.source}: {len(train_set)} training / {len(val_set)} held-out images of "
-              f"{train_set.images.shape[1]}x{train_set.images.shape[2]} px, {'labelled' if labelled else 'no labels'}")
-    if cfg.data.kind == "shapes":
-        log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
-                  "or data=array data.path=<file.npy|.npz> for your own)")
-    processes = f" x {procs.world_size} processes" if procs.world_size > 1 else ""
-    log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in opt.model.parameters()) / 1e6:.2f}M "
-              f"parameters, on {device}{processes}; {cfg.train.epochs * len(loader)} steps; run folder {run_dir}")
-    results = pretrain_loop(opt, loader, probe, cfg, procs, run_dir, log)
-    opt.finish()
-    if not procs.is_main:
-        return {}
-    if labelled:
-        results["eval"] = evaluate(opt.model.backbone, initial_backbone, train_set, val_set, cfg, device)
-        log.print(f"frozen features, {len(val_set)} held-out images:  linear probe   k-NN (k={cfg.probe.knn_k})")
-        for name, scores in results["eval"].items():
-            log.print(f"  {name:<40} {scores['linear_probe']:>12.1%} {scores['knn']:>12.1%}")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
-    log.close()
-    return results | {"run_dir": str(run_dir)}
+    folder = new_run_dir(cfg.run_dir, "pretrain") if procs.is_main else None
+    run_dir = folder.folder if folder else None
+    try:
+        log = RunLog(run_dir, cfg, enabled=procs.is_main)
+        log.print(f"data: {train_set.source}: {len(train_set)} training / {len(val_set)} held-out images of "
+                  f"{train_set.images.shape[1]}x{train_set.images.shape[2]} px, {'labelled' if labelled else 'no labels'}")
+        if cfg.data.kind == "shapes":
+            log.print("      (no image data given, so a generated set is used; pass data=folder data.path=<folder> "
+                      "or data=array data.path=<file.npy|.npz> for your own)")
+        processes = f" x {procs.world_size} processes" if procs.world_size > 1 else ""
+        log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in opt.model.parameters()) / 1e6:.2f}M "
+                  f"parameters, on {device}{processes}; {cfg.train.epochs * len(loader)} steps; run folder {run_dir}")
+        results = pretrain_loop(opt, loader, probe, cfg, procs, run_dir, log)
+        opt.finish()
+        if not procs.is_main:
+            return {}
+        if labelled:
+            results["eval"] = evaluate(opt.model.backbone, initial_backbone, train_set, val_set, cfg, device)
+            log.print(f"frozen features, {len(val_set)} held-out images:  linear probe   k-NN (k={cfg.probe.knn_k})")
+            for name, scores in results["eval"].items():
+                log.print(f"  {name:<40} {scores['linear_probe']:>12.1%} {scores['knn']:>12.1%}")
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.print(f"saved {run_dir / FILENAME}; reuse it with leworld.pretrain.load_encoder('{run_dir}')")
+        log.close()
+        return results | {"run_dir": str(run_dir)}
+    except BaseException:
+        if folder is not None:
+            discard_run(folder, FILENAME)  # failed before its first checkpoint: the same run_dir can be used again
+        raise
+    finally:
+        if folder is not None:
+            folder.release()
 
 
 def pretrain_loop(opt: Optimisation, loader: DataLoader, probe: OnlineProbe | None, cfg: DictConfig,

@@ -15,7 +15,7 @@ from einops import rearrange
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.augment import normalize, resize, to_float
 from leworld.checkpoint import resolve_path
 from leworld.data import ClipSampler
@@ -74,10 +74,6 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
 
 
 # ---- world models ---------------------------------------------------------------------------
-
-
-PROBE_RULES = {"probe.frames": (int, 2, None), "probe.clips": (int, 1, None), "probe.horizon": (int, 1, None),
-               "probe.ridge": (float, 0, None), "probe.seed": (int, 0, None)}
 
 
 def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, ridge: float) -> Tensor:
@@ -172,7 +168,7 @@ def probe(cfg: DictConfig) -> dict:
     held-out episodes of its dataset (the split it was trained with), and write probe.json beside
     the checkpoint."""
     path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.probe ckpt=<run folder or checkpoint>"))
-    check_values(cfg, PROBE_RULES)
+    check_values(cfg, settings.PROBE_VERB)
     device = pick_device(cfg.device)
     model = load_world_model(path, device)
     dataset = open_dataset(model, cfg.data_path)

@@ -7,6 +7,8 @@ import importlib.resources
 import json
 import os
 import random
+import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from leworld import LeworldError
+from leworld.folders import FolderLock, entries, lock_folder
 
 CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
+# the settings that name files and folders, whatever their text looks like
+PATH_KEYS = {"path", "run_dir", "out", "out_dir", "ckpt", "data_path", "weights", "init", "val_path", "labels_path"}
 
 
 # ---- config --------------------------------------------------------------------------------
@@ -52,6 +57,10 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
         lines = [line.strip() for line in str(err).splitlines()
                  if line.strip() and not line.startswith(("See https", "To append to your config"))]
         raise LeworldError("bad override: " + "; ".join(lines) + f"; python -m leworld.{name} --help lists every key") from None
+    for override in overrides:  # run_dir=2024 or out=nan name folders: hydra read them as numbers
+        key, _, text = override.partition("=")
+        if key.rsplit(".", 1)[-1] in PATH_KEYS and isinstance(OmegaConf.select(cfg, key, default=""), (int, float)):
+            OmegaConf.update(cfg, key, text)
     OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
     return cfg
 
@@ -64,28 +73,69 @@ def require(cfg: DictConfig, key: str, message: str):
         raise LeworldError(message) from None
 
 
-def check_values(cfg: DictConfig, rules: dict[str, tuple[type, float | None, float | None]]) -> None:
+MAX_IMAGE_SIZE = 1024  # pixels a side, for frames and views: a 1024-px PushT episode of 100 steps is 300 MB
+
+
+_ABSENT = object()
+
+
+class Above(float):
+    """A lower bound the value must exceed, in a check_values rule: (float, Above(0), None) is "> 0"."""
+
+
+def check_values(cfg: DictConfig, rules: dict[str, tuple]) -> None:
     """Check config values before any work: rules maps a dotted key to (type, lowest, highest),
-    type int or float (an int is a float too), either bound None for none. -> LeworldError naming
-    the key and what it must be."""
-    for key, (kind, low, high) in rules.items():
-        value = OmegaConf.select(cfg, key)
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-            numeric = False
-        if not numeric or value != value or (low is not None and value < low) or (high is not None and value > high):
-            wanted = "an integer" if kind is int else "a number"
-            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
-                                              f"<= {high}" if high is not None else "") if b)
-            raise LeworldError(f"{key}={value!r}: it must be {wanted}{' ' + bounds if bounds else ''}")
+    type int or float (an int is a float too), either bound None for none (Above(x) for a bound the
+    value must exceed), or to nullable(...) of that when null is allowed too; a key whose value is
+    a list has each of its elements checked; a key the config does not have is passed over (a
+    table covers every model, backbone and planner). -> LeworldError naming the key and what it must be."""
+    for key, (kind, low, high, *null_allowed) in rules.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or value is None and null_allowed:  # absent: a setting this config does not have
+            continue
+        listed = isinstance(value, (list, ListConfig))
+        for element in (value if listed else [value]):
+            numeric = isinstance(element, (int, float)) and not isinstance(element, bool)
+            if kind is int and not isinstance(element, int):
+                numeric = False
+            too_low = low is not None and (element <= low if isinstance(low, Above) else element < low) if numeric else False
+            if not numeric or element != element or too_low or (high is not None and element > high):
+                wanted = "an integer" if kind is int else "a number"
+                bounds = " and ".join(b for b in (f"{'>' if isinstance(low, Above) else '>='} {low:g}" if low is not None else "",
+                                                  f"<= {high}" if high is not None else "") if b)
+                shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+                raise LeworldError(f"{key}={shown!r}: {'each of its values' if listed else 'it'} must be {wanted}"
+                                   f"{' ' + bounds if bounds else ''}{' (or null)' if null_allowed else ''}")
+
+
+def nullable(rule: tuple) -> tuple:
+    """A check_values rule that also lets the value be null (a setting whose null means "none" or "auto")."""
+    return (*rule, True)
+
+
+def prefixed(prefix: str, rules: dict) -> dict:
+    """Rules written for a config node, for that node at `prefix` in a verb's config."""
+    return {f"{prefix}.{key}": rule for key, rule in rules.items()}
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, torchrun stopping its processes, `kill`), turned into the path Ctrl-C
+    takes: what was being done says what it kept and how to continue, and the verb exits 143."""
+
+
+def _stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough: the way out must not be cut short
+    raise Stopped()
 
 
 def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[str] | None = None) -> None:
     """Entry point of a verb: `python -m leworld.<verb> key=value ...` (args: sys.argv[1:]).
 
-    Errors the user can fix print as one line (`error: ...`) and exit with status 2.
+    Errors the user can fix print as one line (`error: ...`) and exit with status 2. Ctrl-C exits
+    130, SIGTERM 143, each after what was running has said what it kept.
     """
     args = sys.argv[1:] if args is None else args
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if args and args[0] in ("-h", "--help"):
             print_help(config_name, load_config(config_name, args[1:]))
@@ -96,9 +146,14 @@ def run_main(config_name: str, run: Callable[[DictConfig], object], args: list[s
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped:
+        print("stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_help(config_name: str, cfg: DictConfig) -> None:
@@ -177,24 +232,30 @@ def autocast(device: torch.device):
 # ---- run folder and log --------------------------------------------------------------------
 
 
-def new_run_dir(path: str | None, verb: str) -> Path:
-    """A fresh run folder: the given path, or runs/<verb>/<date-time>. Never reuses a non-empty one;
-    checks that it can be written before any work is done in it."""
+def new_run_dir(path: str | None, verb: str) -> FolderLock:
+    """A fresh run folder, locked by this process for its life (leworld/folders.py): the given
+    path, or runs/<verb>/<date-time>. Never reuses a non-empty one; made and checked writable
+    before any work is done in it. -> its lock, whose `folder` is the run folder."""
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         path = Path("runs") / verb / stamp
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LeworldError(f"run_dir={path} is a file, not a folder; choose another run_dir")
-    if path.exists() and any(path.iterdir()):
+    lock = lock_folder(path, "wait for it to end, or choose another run_dir")
+    if entries(path):
+        lock.release()
         raise LeworldError(f"run_dir={path} already holds a run; choose another run_dir (nothing was overwritten)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / ".writable").touch()
-        (path / ".writable").unlink()
-    except OSError as err:
-        raise LeworldError(f"cannot write the run folder {path} ({err.strerror or err}); choose a writable run_dir") from None
-    return path
+    return lock
+
+
+def discard_run(lock: FolderLock, keep: str) -> None:
+    """A run that failed before it had `keep` (its first checkpoint) leaves nothing behind, so that
+    the same run_dir can be used again: what it wrote is removed, and the folder if it made it."""
+    if (lock.folder / keep).exists():
+        return
+    for path in entries(lock.folder):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 class RunLog:

@@ -26,31 +26,31 @@ from tqdm import tqdm
 
 import envs
 from leworld import LeworldError
-from leworld.checkpoint import (FILENAME, Checkpoint, load_checkpoint, load_weights, optimizer_state, restore_optimizer,
-                                restore_rng, rng_state, save_checkpoint, select)
+from leworld.checkpoint import (FILENAME, Checkpoint, load_checkpoint, load_weights, optimizer_state, resolve_path,
+                                restore_optimizer, restore_rng, rng_state, save_checkpoint, select)
+from leworld import settings
 from leworld.collect import collect, unfinished_collection
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
 from leworld.eval import check_protocol, make_planner, plan, sample_tasks
+from leworld.folders import FolderLock, check_free_space, lock_folder
 from leworld.models import WORLD_MODELS, DataRecord, EnvSpec, WorldModel, record
 from leworld.models.dinowm import build_dinowm, dinowm_config
 from leworld.optim import Optimisation, check_finite
-from leworld.probe import PROBE_RULES, probe_world_model
-from leworld.runtime import (Processes, RunLog, autocast, check_values, load_config, new_run_dir, run_main,
-                             seed_everything, start_processes)
+from leworld.probe import probe_world_model
+from leworld.runtime import (Processes, RunLog, Stopped, autocast, check_values, discard_run, load_config, new_run_dir,
+                             run_main, seed_everything, start_processes)
 
-RULES = {"train.epochs": (float, 1e-9, None), "train.batch_size": (int, 1, None), "train.lr": (float, 0, None),
-         "train.weight_decay": (float, 0, None), "train.warmup": (float, 0, 1), "train.final_lr_ratio": (float, 0, 1),
-         "train.log_every": (int, 1, None), "train.val_every": (int, 1, None), "train.val_batches": (int, 1, None),
-         "train.bn_batches": (int, 0, None), "train.save_every": (int, 1, None), "data.val_fraction": (float, 0, 0.99),
-         "seed": (int, 0, None), **PROBE_RULES}
+# what a resume may be given besides the run's own settings
+RESUME_KEYS = ("resume", "run_dir", "device")
 
 
 # ---- before training: the run's settings, its data and its model -----------------------------
 
 
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, Checkpoint]:
+def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:
     """The saved config of the run in cfg.run_dir, which continues there (wherever it was first
-    started), and its checkpoint. Only device may be given beside resume and run_dir."""
+    started), and its checkpoint. Of the command line's `overrides`, only device may differ from the
+    run's own settings: any other that does is refused (one equal to the run's changes nothing)."""
     if cfg.run_dir is None:
         raise LeworldError("resume=true needs run_dir=<the folder of the run to continue>")
     ckpt = load_checkpoint(cfg.run_dir)
@@ -59,41 +59,60 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Checkpoint]:
     if "total_steps" not in ckpt.info:
         raise LeworldError(f"{ckpt.path} was written by an older leworld and its training cannot be resumed; start a "
                            f"new run (python -m leworld.train upgrade ckpt={cfg.run_dir} makes it usable by eval and probe)")
-    plain = load_config("train", ["resume=true", f"run_dir={cfg.run_dir}", f"device={cfg.device}"])
-    given = changed_keys(OmegaConf.to_container(plain), OmegaConf.to_container(cfg))
-    if given:
+    saved = OmegaConf.create(ckpt.config)
+    differ = overrides_that_change(overrides, saved)
+    if differ:
         raise LeworldError(f"resume=true continues the run with the settings it was started with; drop "
-                           f"{', '.join(given)} (only device= may change), or start a new run")
+                           f"{', '.join(differ)} (only device= may change), or start a new run")
     if ckpt.info["step"] >= ckpt.info["total_steps"]:
         raise LeworldError(f"the run in {cfg.run_dir} is complete ({ckpt.info['step']} of {ckpt.info['total_steps']} "
                            f"steps); nothing to resume: probe or plan with it (python -m leworld.eval ckpt={cfg.run_dir})")
-    saved = OmegaConf.create(ckpt.config)
     saved.run_dir, saved.resume, saved.device = str(cfg.run_dir), True, cfg.device
     OmegaConf.set_struct(saved, True)
     return saved, ckpt
 
 
-def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += changed_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
-            keys.append(f"{prefix}{key}")
-    return keys
+def overrides_that_change(overrides: list[str], saved: DictConfig) -> list[str]:
+    """The command line's overrides (key=value or group=option) that ask for something else than the
+    run's saved config holds, each with the run's value: compared by what they set, so that one
+    equal to a default is caught as surely as any other."""
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("~+") not in RESUME_KEYS]
+    if not given:
+        return []
+    asked = OmegaConf.to_container(load_config("train", given), resolve=True)
+    had = OmegaConf.to_container(saved, resolve=True)
+    differ = []
+    for override in given:
+        key = override.split("=", 1)[0].lstrip("~+")
+        wanted, theirs = lookup(asked, key), lookup(had, key)
+        if wanted is MISSING or wanted != theirs:  # a group that sets keys elsewhere (encoder=, recipe=): not comparable
+            if isinstance(theirs, dict):
+                theirs = theirs.get("name", "other settings")
+            differ.append(override + ("" if theirs is MISSING else f" (the run's: {theirs})"))
+    return differ
+
+
+MISSING = object()
+
+
+def lookup(tree: dict, key: str):
+    """The value at a dotted key of nested dicts, or MISSING."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return MISSING
+        tree = tree[part]
+    return tree
 
 
 def check_config(cfg: DictConfig) -> None:
+    if cfg.model.type not in WORLD_MODELS:
+        raise LeworldError(f"model={cfg.model.name} is not a world model that trains (the oracle is the simulator, for "
+                           f"python -m leworld.eval model=oracle env=...); choose a preset of type "
+                           f"{' or '.join(WORLD_MODELS)}")
     if cfg.data.val_fraction == 0:
         raise LeworldError("data.val_fraction=0 holds no episode out, but validation, probes and planning tasks need "
                            "episodes the model never trained on; use e.g. data.val_fraction=0.1")
-    check_values(cfg, RULES)
-    if cfg.train.minutes is not None:
-        check_values(cfg, {"train.minutes": (float, 0.01, None)})
-    if cfg.model.type == "lewm":
-        check_values(cfg, {"model.predictor.rollout_steps": (int, 1, None)})
+    check_values(cfg, settings.train(cfg))
     check_protocol(cfg)
 
 
@@ -123,6 +142,11 @@ def ensure_dataset(cfg: DictConfig, procs: Processes) -> EpisodeDataset:
     if found != wanted:
         raise LeworldError(f"data.path={path} holds {found}-px frames but env.kwargs.image_size={wanted}; pass a "
                            f"data.path for a new dataset (it is collected) or env.kwargs.image_size={found}")
+    if cfg.model.type == "lewm" and cfg.model.image_size > found:
+        raise LeworldError(f"model.image_size={cfg.model.image_size} but data.path={path} holds {found}-px frames, which "
+                           "the encoder would upscale (no detail is gained); drop model.image_size (it follows the "
+                           f"frames) or train on {cfg.model.image_size}-px frames (env.kwargs.image_size="
+                           f"{cfg.model.image_size} with a new data.path)")
     return dataset
 
 
@@ -262,7 +286,7 @@ def validate(model: WorldModel, batches: list[dict], device: torch.device) -> di
 
 def save_state(path: Path, opt: Optimisation, cfg: DictConfig, **position) -> None:
     """Weights, optimizer, random generators, the model's record and the position in the data
-    (step, epoch, batch_in_epoch, total_steps): all that eval, probe and a resume need."""
+    (step, epoch, batch_in_epoch, total_steps, world_size): all that eval, probe and a resume need."""
     optim_tensors, optim_json = optimizer_state(opt.optimizer)
     rng_tensors, rng_json = rng_state()
     tensors = {**{f"model.{k}": v for k, v in opt.model.state_dict().items()},
@@ -272,12 +296,52 @@ def save_state(path: Path, opt: Optimisation, cfg: DictConfig, **position) -> No
                     **record(opt.model), **position, optimizer=optim_json, schedule=opt.schedule.state_dict(), rng=rng_json)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, overrides: list[str] = ()) -> dict:
+    """Train (or with resume=true continue) the run cfg describes. overrides: the command line's,
+    which a resume compares with the run's own settings. The first process holds the run folder's
+    lock for the whole run (leworld/folders.py): a second training there is refused while it runs."""
     started = time.perf_counter()
-    cfg, resume_from = resume_config(cfg) if cfg.resume else (cfg, None)
-    check_config(cfg)
+    if not cfg.resume:
+        check_config(cfg)  # a bad setting is refused before a run folder is made
     procs = start_processes(cfg.device)
+    folder = hold_run_dir(cfg) if procs.is_main else None
+    try:
+        return training_run(cfg, overrides, procs, folder, started)
+    except BaseException:
+        if folder is not None and not cfg.resume:
+            discard_run(folder, FILENAME)  # nothing worth keeping before a checkpoint: let the run_dir be used again
+        raise
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def hold_run_dir(cfg: DictConfig) -> FolderLock:
+    """The lock of the run folder: a new one (new_run_dir), or the folder of the run to resume."""
+    if not cfg.resume:
+        return new_run_dir(cfg.run_dir, "train")
+    if cfg.run_dir is None:
+        raise LeworldError("resume=true needs run_dir=<the folder of the run to continue>")
+    resolve_path(cfg.run_dir)  # no checkpoint there: one line, before anything is locked
+    return lock_folder(cfg.run_dir, "wait for it to end: a second process would train the same run from the same "
+                                    "checkpoint", create=False)
+
+
+def training_run(cfg: DictConfig, overrides: list[str], procs: Processes, folder: FolderLock | None,
+                 started: float) -> dict:
     device = procs.device
+    resume_from = None
+    if cfg.resume:
+        cfg, resume_from = resume_config(cfg, overrides)
+        check_config(cfg)
+        trained_on = resume_from.info.get("world_size", procs.world_size)  # not recorded before leworld 0.1
+        if trained_on != procs.world_size:
+            raise LeworldError(f"the run in {cfg.run_dir} trained on {trained_on} process(es) and this is "
+                               f"{procs.world_size}: its steps, learning-rate schedule and clip order are sized for "
+                               f"{trained_on}; resume it with {resume_command(cfg.run_dir, trained_on)}")
+    run_dir = folder.folder if folder else None
+    if run_dir is not None:
+        cfg.run_dir = str(run_dir)  # saved with the run, so that its config says where it is
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     model, dataset = model_and_data(cfg, procs, resume_from)
@@ -301,30 +365,27 @@ def train(cfg: DictConfig) -> dict:
     if cfg.train.compile:
         opt.net = torch.compile(opt.net)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": total_steps}
-    if resume_from is not None:
+    resumed = resume_from is not None
+    if resumed:
         load_weights(opt.model, select(resume_from.tensors, "model"), resume_from.path)
         restore_optimizer(opt.optimizer, select(resume_from.tensors, "optimizer"), resume_from.info["optimizer"])
         restore_rng(select(resume_from.tensors, "rng"), resume_from.info["rng"])
         opt.schedule.load_state_dict(resume_from.info["schedule"])
         position |= {k: resume_from.info[k] for k in ("step", "epoch", "batch_in_epoch")}
+        resume_from = None  # its tensors are in the model and optimizer now: not held twice for the whole run
+    if run_dir is not None:  # room for the checkpoint and the next one written beside it, before the first step
+        kept = (run_dir / FILENAME).stat().st_size if resumed else 0
+        check_free_space(run_dir, 2 * checkpoint_bytes(opt) - kept,
+                         "free space or choose another run_dir (each save writes the new checkpoint beside the last)")
 
-    run_dir = None
-    if procs.is_main:
-        run_dir = Path(cfg.run_dir) if resume_from else new_run_dir(cfg.run_dir, "train")
-        cfg.run_dir = str(run_dir)  # saved with the run, so that its config says where it is
-    try:
-        log = RunLog(run_dir, cfg, enabled=procs.is_main, resume_step=position["step"] if resume_from else None)
-        log.print(f"{'resuming at step ' + str(position['step']) + ' of ' if resume_from else ''}{cfg.model.name} world "
-                  f"model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, on {device}"
-                  f"{f' x {procs.world_size}' if procs.world_size > 1 else ''}; {dataset.path}: {len(train_episodes)} "
-                  f"training / {len(held_out)} held-out episodes, {len(train_clips)} clips of {frames} frames every "
-                  f"{model.frameskip} steps; {sizing(cfg, total_steps, per_epoch, resume_from)}; run folder {run_dir}")
-        val_batches = held_out_batches(val_clips, cfg.train.val_batches, cfg.train.batch_size, cfg.seed)
-        results = training_loop(opt, cfg, procs, train_clips, val_batches, position, run_dir, log)
-    except BaseException:
-        if procs.is_main and resume_from is None and not (run_dir / FILENAME).exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: let the same run_dir be used again
-        raise
+    log = RunLog(run_dir, cfg, enabled=procs.is_main, resume_step=position["step"] if resumed else None)
+    log.print(f"{'resuming at step ' + str(position['step']) + ' of ' if resumed else ''}{cfg.model.name} world "
+              f"model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, on {device}"
+              f"{f' x {procs.world_size}' if procs.world_size > 1 else ''}; {dataset.path}: {len(train_episodes)} "
+              f"training / {len(held_out)} held-out episodes, {len(train_clips)} clips of {frames} frames every "
+              f"{model.frameskip} steps; {sizing(cfg, total_steps, per_epoch, resumed)}; run folder {run_dir}")
+    val_batches = held_out_batches(val_clips, cfg.train.val_batches, cfg.train.batch_size, cfg.seed)
+    results = training_loop(opt, cfg, procs, train_clips, val_batches, position, run_dir, log)
     opt.finish()
     if not procs.is_main:
         return {}
@@ -333,8 +394,21 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-def sizing(cfg: DictConfig, total_steps: int, per_epoch: int, resume_from: Checkpoint | None) -> str:
-    if cfg.train.minutes is None or resume_from is not None:
+def checkpoint_bytes(opt: Optimisation) -> int:
+    """About what a checkpoint of this run takes: weights and buffers, AdamW's two moments of every
+    trained parameter, and a MiB for the random generators' states and the header."""
+    weights = sum(t.numel() * t.element_size() for t in opt.model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in opt.model.parameters() if p.requires_grad)
+    return weights + moments + 2**20
+
+
+def resume_command(run_dir: str | Path, processes: int) -> str:
+    launch = f"torchrun --nproc_per_node={processes} -m" if processes > 1 else "python -m"
+    return f"{launch} leworld.train resume=true run_dir={run_dir}"
+
+
+def sizing(cfg: DictConfig, total_steps: int, per_epoch: int, resumed: bool) -> str:
+    if cfg.train.minutes is None or resumed:
         return f"{total_steps} steps ({total_steps / per_epoch:.3g} epochs of {per_epoch})"
     first, last = TimeBudget.warm_steps + 1, TimeBudget.warm_steps + TimeBudget.timed_steps
     return f"as many steps as fit in {cfg.train.minutes:g} minutes (sized from the speed of steps {first}-{last})"
@@ -421,17 +495,18 @@ def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_cl
                     check_finite(out["loss"].item(), step, f"lower train.lr (now {cfg.train.lr})")
                     if procs.is_main:
                         save_state(run_dir / FILENAME, opt, cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                                   total_steps=total_steps)
+                                   total_steps=total_steps, world_size=procs.world_size)
                     saved_at = step
                 if step == total_steps:
                     break
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         bar.close()
-        kept = (f"the checkpoint of step {saved_at} is kept in {run_dir}; continue with python -m leworld.train "
-                f"resume=true run_dir={run_dir}") if (run_dir and (run_dir / FILENAME).exists()) else "no checkpoint was saved yet"
-        log.print(f"interrupted at step {step}: {kept}")
+        kept = (f"the checkpoint of step {saved_at} is kept in {run_dir}; continue with "
+                f"{resume_command(run_dir, procs.world_size)}") if (run_dir and (run_dir / FILENAME).exists()) \
+            else "no checkpoint was saved yet"
+        log.print(f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'} at step {step}: {kept}")
         raise
     finally:
         bar.close()
@@ -507,9 +582,12 @@ def upgrade(cfg: DictConfig) -> Path:
     model.data = DataRecord(str(dataset.path), dataset.meta["num_frames"], dataset.fingerprint(),
                             tuple(int(e) for e in held_out))
     backup = ckpt.path.with_name("checkpoint.v1.safetensors")
-    shutil.copy2(ckpt.path, backup)
-    info = {k: v for k, v in ckpt.info.items() if k not in ("dataset", "action_dim")} | record(model)
-    save_checkpoint(ckpt.path, ckpt.tensors, config, **info)
+    if backup.exists():
+        raise LeworldError(f"{backup} exists (an earlier upgrade's, or a file of yours); move it away to upgrade again")
+    with lock_folder(ckpt.path.parent, "wait for it to end, then upgrade", create=False):
+        shutil.copy2(ckpt.path, backup)
+        info = {k: v for k, v in ckpt.info.items() if k not in ("dataset", "action_dim")} | record(model)
+        save_checkpoint(ckpt.path, ckpt.tensors, config, **info)
     print(f"upgraded {ckpt.path} (the original is kept as {backup}); eval and probe can load it")
     return ckpt.path
 
@@ -518,7 +596,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "upgrade":
         run_main("upgrade", upgrade, sys.argv[2:])
     else:
-        run_main("train", train)
+        run_main("train", lambda cfg: train(cfg, sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ class MPPI:
                  bounds: Bounds | None = None, seed: int = 0, device="cpu"):
         if not 0 < elites <= samples:
             raise ValueError(f"MPPI needs 0 < elites <= samples, got elites={elites}, samples={samples}")
+        if not 0 < min_std <= max_std:
+            raise ValueError(f"MPPI needs 0 < min_std <= max_std, got min_std={min_std}, max_std={max_std}")
         self.action_dim, self.samples, self.elites, self.iterations = action_dim, samples, elites, iterations
         self.temperature, self.std, self.min_std, self.max_std = temperature, std, min_std, max_std
         self.bounds = bounds or Bounds.unbounded(action_dim, device)

@@ -1,4 +1,8 @@
-"""Checkpoints: round trip, atomic replacement, and clear errors for bad files."""
+"""Checkpoints: round trip, atomic replacement under a name of their own, loading into memory (no
+mapping keeps a replaced file on disk), and clear errors for bad files."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +25,25 @@ def test_round_trip_and_run_folder(tmp_path):
 def test_saving_replaces_the_previous_file_whole(tmp_path):
     path = tmp_path / FILENAME
     save_checkpoint(path, {"w": torch.zeros(2)}, {}, step=1)
-    (tmp_path / (FILENAME + ".partial")).write_bytes(b"half-written by a crash")
-    assert load_checkpoint(path).info["step"] == 1  # a stray partial file does not matter
+    (tmp_path / (FILENAME + ".partial")).write_bytes(b"a file of the user's")  # a name a writer might have used
+    assert load_checkpoint(path).info["step"] == 1
     save_checkpoint(path, {"w": torch.ones(2)}, {}, step=2)
     assert load_checkpoint(path).info["step"] == 2
-    assert not (tmp_path / (FILENAME + ".partial")).exists()
+    assert (tmp_path / (FILENAME + ".partial")).read_bytes() == b"a file of the user's"  # never written nor removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME, FILENAME + ".partial"]  # nothing of ours left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_loaded_checkpoint_is_in_memory_not_mapped(tmp_path):
+    """A resumed run replaces its checkpoint: a mapping of the old file would keep its blocks on disk
+    (a run with room for two checkpoints would need three) until the run ends."""
+    path = tmp_path / FILENAME
+    save_checkpoint(path, {"w": torch.randn(256, 1024)}, {}, step=1)
+    ckpt = load_checkpoint(path)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    save_checkpoint(path, {"w": torch.zeros(256, 1024)}, {}, step=2)
+    assert str(path) not in Path("/proc/self/maps").read_text()  # no "(deleted)" file held
+    assert ckpt.tensors["w"].abs().sum() > 0  # the tensors loaded before are intact
 
 
 def test_bad_checkpoints(tmp_path):

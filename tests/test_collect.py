@@ -21,6 +21,7 @@ from leworld import LeworldError, collect as collect_module
 from leworld.collect import collect, unfinished_collection
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
+from conftest import written_with_these_files
 
 
 def collect_cli(*args, **kwargs):
@@ -134,6 +135,57 @@ def test_an_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path):
         assert torch.equal(a.tensors[key], b.tensors[key]), key  # the same episodes, each once
 
 
+def test_a_second_collection_into_a_folder_is_refused_while_the_first_runs_and_sigterm_says_how_to_finish(tmp_path):
+    args = ["env=tworoom", "env.kwargs.image_size=16", "episodes=100", "episode_length=30", "workers=1"]
+    path = tmp_path / "data"
+    first = subprocess.Popen([sys.executable, "-m", "leworld.collect", *args, f"path={path}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while len(list((path / "episodes").glob("ep_*[0-9].npz"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)  # held mid-collection (it would otherwise finish before the second starts)
+    for again in (args, [*args, "resume=true"]):  # neither a new collection nor a resume while it runs
+        done = collect_cli(*again, f"path={path}")
+        assert done.returncode == 2 and f"is in use by process {first.pid}" in done.stderr, done.stderr
+    first.send_signal(signal.SIGTERM)  # delivered as it continues
+    os.killpg(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "leaked" not in err  # no semaphore left behind by the worker pool
+    stopped = next(line for line in err.splitlines() if line.startswith("stopped by SIGTERM:"))
+    kept = int(stopped.split(": ")[1].split(" of ")[0])
+    assert 2 <= kept < 100 and len(list((path / "episodes").glob("ep_*[0-9].npz"))) == kept
+    finish = stopped.split("; ", 1)[1].removesuffix(" finishes the collection").split()
+    assert finish[:3] == ["python", "-m", "leworld.collect"] and "resume=true" in finish
+    done = subprocess.run([sys.executable, *finish[1:]], capture_output=True, text=True)  # the command it printed
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{kept} already there" in done.stdout and EpisodeDataset.open(path).num_episodes == 100
+    assert not (path / ".leworld.lock").exists()  # released with the collection
+
+
+def test_a_dataset_knows_its_content_and_refuses_another_collections_files(dataset_path, tmp_path):
+    """A dataset whose tensor files were replaced by those of another collection of the same sizes is
+    refused when it is opened (sampled blocks), and a changed byte by verify (every byte)."""
+    meta = json.loads((dataset_path / "meta.json").read_text())
+    assert meta["version"] == 2 and set(meta["content"]) == {"pixels", "action", "state", "proprio", "episode", "step"}
+    other = tmp_path / "other"
+    collect_here(*SMALL, "workers=1", "seed=1", f"path={other}")
+    swapped = copy_dataset(dataset_path, tmp_path / "swapped")
+    for file in ("pixels.memmap", "state.memmap"):  # same sizes, other episodes; meta.json kept
+        shutil.copy(other / "tensors" / file, swapped / "tensors" / file)
+    with pytest.raises(LeworldError, match="pixels.memmap is not the file this dataset was written with"):
+        EpisodeDataset.open(swapped)
+    done = collect_cli("verify", f"path={swapped}")
+    assert done.returncode == 2 and "not the file this dataset was written with" in done.stderr
+
+    one_byte = copy_dataset(dataset_path, tmp_path / "one_byte")
+    with open(one_byte / "tensors" / "pixels.memmap", "r+b") as f:
+        value = f.read(12_346)[-1]
+        f.seek(12_345)
+        f.write(bytes([value ^ 1]))
+    assert "pixels.memmap is not the file" in dataset_problems(one_byte, content=True)[0]  # verify reads every byte
+
+
 def test_refuses_to_overwrite_a_finished_dataset(dataset_path):
     done = collect_cli(*SMALL, f"path={dataset_path}")
     assert done.returncode == 2 and "already holds a finished dataset" in done.stderr
@@ -171,6 +223,8 @@ def test_verify_names_what_is_wrong(dataset_path, tmp_path):
     td = TensorDict.load_memmap(nan / "tensors")
     td["state"][5, 0] = float("nan")
     del td
+    assert "state.memmap is not the file" in problem(nan)  # changed after it was written
+    written_with_these_files(nan)  # a writer that wrote the NaN itself
     assert dataset_problems(nan) == []  # the quick structural check reads no data
     assert "'state' holds NaN" in problem(nan)
 
@@ -195,7 +249,7 @@ def collect_here(*overrides):
 def test_bad_collection_values_are_refused_before_any_work(tmp_path):
     path = tmp_path / "x"
     for value in ["episodes=0", "workers=0", "episode_length=0", "expert_fraction=2", "noise=-1", "episodes=abc",
-                  "seed=-1"]:
+                  "seed=-1", "env.kwargs.image_size=100000"]:  # 100000 px: a 27.9 GiB frame buffer, not a traceback
         with pytest.raises(LeworldError, match=f"^{value.split('=')[0]}=.*: it must be") as err:
             collect_here(*TINY, value, f"path={path}")
         assert "\n" not in str(err.value)

@@ -276,9 +276,12 @@ def test_export_reads_with_stable_worldmodels_reader_and_imports_back(swm_file, 
     original = tmp_path / "original"
     hdf5.import_hdf5(import_cfg(source, original))
     exported = tmp_path / "exported.h5"
+    (tmp_path / "exported.h5.partial").write_text("a file of the user's, at the name a writer might use")
     hdf5.export_hdf5(load_config("collect", [f"path={original}", f"out={exported}"]))
     with pytest.raises(LeworldError, match="exports never overwrite"):
         hdf5.export_hdf5(load_config("collect", [f"path={original}", f"out={exported}"]))
+    assert (tmp_path / "exported.h5.partial").read_text().startswith("a file of the user's")  # untouched
+    assert not list(tmp_path.glob(".exported.h5.*"))  # and nothing of the export's own left beside it
     # stable-worldmodel's reader: clips of 4 steps with the actions between them
     theirs = swm_hdf5().HDF5Dataset(path=exported, num_steps=4, frameskip=1)
     clip = theirs[0]

@@ -1,5 +1,6 @@
 """A dataset's meta.json and its small float tensors are checked when it is opened: damage is one
-line naming what is wrong, never a KeyError or TypeError later, and NaN never reaches training."""
+line naming what is wrong, never a KeyError or TypeError later, and NaN never reaches training
+(even from a writer that wrote it, with a fingerprint to match)."""
 
 import json
 import shutil
@@ -13,6 +14,7 @@ from leworld import LeworldError
 from leworld.collect import collect
 from leworld.data import EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
+from conftest import written_with_these_files
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,8 @@ DAMAGE = {  # how meta.json is damaged -> what the one line must name
     "image_shape of two": (setting("image_shape", [32, 32]), "image_shape three of them"),
     "no action stats": (lambda meta: meta["stats"].pop("action"), "finite mean and std of the actions"),
     "no env name": (setting("env", {}), "the env's name"),
+    "no content": (without("content"), "'content' fingerprint is missing or malformed"),
+    "content a list": (setting("content", []), "'content' fingerprint is missing or malformed"),
 }
 
 
@@ -80,6 +84,7 @@ def test_opening_refuses_non_finite_actions_states_and_proprioception(dataset_pa
     td = TensorDict.load_memmap(path / "tensors")
     td[key][30, 1] = value
     del td
+    written_with_these_files(path)
     with pytest.raises(LeworldError, match=f"'{key}' holds NaN or inf; collect the dataset again"):
         EpisodeDataset.open(path)
     assert EpisodeDataset.open(dataset_path).num_episodes == 4  # the untouched copy opens

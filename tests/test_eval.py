@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 import envs
 from leworld.data import ActionCodec, EpisodeDataset
-from leworld.eval import LatentObjective, evaluate, sample_tasks
+from leworld.eval import LatentObjective, evaluate, run_eval, sample_tasks
+from leworld.runtime import run_main
 from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
 
@@ -138,7 +139,17 @@ def one_line_error(done) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_bad_input(trained, tmp_path):
+def eval_error(capsys, *args) -> str:
+    """The one error line of leworld.eval run in this process (quicker than a new interpreter)."""
+    with pytest.raises(SystemExit) as stop:
+        run_main("eval", run_eval, list(args))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_input(trained, tmp_path, capsys):
     assert "does not exist" in one_line_error(run("eval", f"ckpt={tmp_path / 'nothing'}"))
     assert "is a tworoom world model, not pusht" in one_line_error(run("eval", f"ckpt={trained[0]}", "env=pusht"))
     broken = tmp_path / "broken.safetensors"
@@ -147,6 +158,11 @@ def test_bad_input(trained, tmp_path):
     assert "there is no planner=newton" in one_line_error(run("eval", f"ckpt={trained[0]}", "planner=newton"))
     assert "elites" in one_line_error(run("eval", f"ckpt={trained[0]}", "planner.elites=1000", f"out_dir={tmp_path / 'x'}"))
     assert "protocol.episodes=0" in one_line_error(run("eval", f"ckpt={trained[0]}", "protocol.episodes=0"))
+    for planner, message in {("planner=gradient", "planner.lr=nan"): "planner.lr=nan: it must be a number > 0",
+                             ("planner=cem", "planner.iterations=-1"): "planner.iterations=-1: it must be an integer >= 1",
+                             ("planner=mppi", "planner.temperature=-5"): "planner.temperature=-5",
+                             ("planner=mppi", "planner.min_std=3"): "min_std <= max_std"}.items():
+        assert message in eval_error(capsys, f"ckpt={trained[0]}", *planner, f"out_dir={tmp_path / 'x'}")
     (tmp_path / "file").write_text("x")  # an out_dir that cannot be made fails before any planning
     assert "cannot create out_dir" in one_line_error(run("eval", f"ckpt={trained[0]}", f"out_dir={tmp_path / 'file' / 'e'}"))
     assert not (tmp_path / "x").exists()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from leworld.augment import normalize, to_float
 from leworld.checkpoint import load_checkpoint
-from leworld.pretrain import load_encoder
+from leworld.pretrain import LeJEPA, load_encoder, pretrain
+from leworld.runtime import run_main
 
 # A model and run small enough for seconds; with data=shapes also a small generated set.
 TINY = ["logger=none", "views.global.size=16", "views.local.size=8", "views.local.count=2",
@@ -91,6 +92,9 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     assert "backbone=resnet50; choose one of: convnet_small" in cli("backbone=resnet50")
     assert "unknown backbone name 'resnet'" in cli("backbone.name=resnet")
     assert "bad override" in cli("train.epochz=3")
+    assert "views.global.size=0: it must be an integer >= 8" in cli("views.global.size=0")  # once a traceback
+    assert "loss.sigreg_weight=2: it must be a number >= 0 and <= 1" in cli("loss.sigreg_weight=2")
+    assert "views.local.scale=[0.5, 0.1]: it must be [lowest, highest]" in cli("views.local.scale=[0.5,0.1]")
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli("device=cuda")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # failed runs leave nothing
@@ -116,10 +120,13 @@ def test_torchrun_with_two_processes(tmp_path):
     assert load_encoder(run)(torch.zeros(1, 3, 16, 16)).shape == (1, 16)
 
 
-def test_diverging_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+def test_diverging_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    done = pretrain_cli(*TINY, *TINY_SHAPES, "train.epochs=3", "train.lr=1e30", f"run_dir={run}")
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    real = LeJEPA.forward  # a loss that turns NaN (no valid setting diverges this tiny run: lr is at most 1)
+    monkeypatch.setattr(LeJEPA, "forward", lambda self, *views: real(self, *views) | {"loss": real(self, *views)["loss"] * torch.nan})
+    with pytest.raises(SystemExit) as stop:
+        run_main("pretrain", pretrain, [*TINY, *TINY_SHAPES, "train.epochs=3", f"run_dir={run}"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("error: the loss became nan") and "train.lr" in last
-    assert not (run / "checkpoint.safetensors").exists()
+    assert not run.exists()  # a run that failed before its first checkpoint leaves no folder to block its command

@@ -1,7 +1,8 @@
 """python -m leworld.train and python -m leworld.probe on a tiny dataset: training learns, a killed
-run resumes to the same weights in the folder it is given, torchrun ranks split one global batch,
-the encoder can start from image pretraining, and bad input is one clear line, found before
-training, with nothing lost."""
+run resumes to the same weights in the folder it is given (with exactly its settings, data and
+number of processes), a second run in a folder in use is refused, torchrun ranks split one
+global batch, the encoder can start from image pretraining, and bad input is one clear line,
+found before training, with nothing lost."""
 
 import json
 import os
@@ -150,7 +151,8 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data
     moved = tmp_path / "moved"  # a copy resumes in its own folder; the original is not touched
     shutil.copytree(killed, moved)
     original = (killed / "checkpoint.safetensors").read_bytes()
-    done = run("train", "resume=true", f"run_dir={moved}")
+    # settings given again with the run's own values change nothing, and are accepted
+    done = run("train", "resume=true", f"run_dir={moved}", f"data.path={data_path}", "train.save_every=3")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming at step {stopped_at}" in done.stdout
     assert (killed / "checkpoint.safetensors").read_bytes() == original
@@ -166,6 +168,13 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data
 
     assert "is complete" in one_line_error(run("train", "resume=true", f"run_dir={moved}"))
     assert "drop train.lr" in one_line_error(run("train", "resume=true", f"run_dir={killed}", "train.lr=0.1"))
+    # overrides equal to the defaults, not to the run's settings, are refused too (they used to pass, ignored)
+    line = one_line_error(run("train", "resume=true", f"run_dir={killed}", "train.lr=1e-3", "train.epochs=10",
+                              "train.batch_size=64", "env=pusht", "model=lewm_cpu"))
+    for dropped in ("train.lr=1e-3 (the run's: 0.002)", "train.epochs=10 (the run's: 6)",
+                    "train.batch_size=64 (the run's: 32)", "env=pusht (the run's: tworoom)", "model=lewm_cpu"):
+        assert dropped in line, line
+    assert "encoder=convnet_cpu" in one_line_error(run("train", "resume=true", f"run_dir={killed}", "encoder=convnet_cpu"))
 
 
 def test_resume_refuses_another_dataset(data_path, tmp_path, trained):
@@ -174,7 +183,15 @@ def test_resume_refuses_another_dataset(data_path, tmp_path, trained):
     args = [*TINY_RUN, f"data.path={data}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
     killed = tmp_path / "killed"
     kill_at_step(args, killed, 3)
-    meta = json.loads((data / "meta.json").read_text())
+    meta_json = (data / "meta.json").read_text()
+    other = tmp_path / "other"  # another collection of the same sizes: its files, under the run's meta.json
+    assert run("collect", *[a for a in TINY_RUN if a.startswith("env")], "episodes=16", "seed=1",
+               f"path={other}").returncode == 0
+    shutil.copytree(other / "tensors", data / "tensors", dirs_exist_ok=True)
+    assert ".memmap is not the file this dataset was written with" in one_line_error(
+        run("train", "resume=true", f"run_dir={killed}"))
+    shutil.copytree(data_path / "tensors", data / "tensors", dirs_exist_ok=True)  # the run's own files back
+    meta = json.loads(meta_json)
     (data / "meta.json").write_text(json.dumps(meta | {"created": "another day"}))  # collected again
     assert "is not the dataset the run trained on" in one_line_error(run("train", "resume=true", f"run_dir={killed}"))
     shutil.rmtree(data)
@@ -207,6 +224,12 @@ def test_torchrun_ranks_split_one_global_batch_and_match_one_process(data_path, 
     assert a.info["step"] == b.info["step"] >= 3
     for name, tensor in select(a.tensors, "model").items():
         torch.testing.assert_close(tensor, b.tensors[f"model.{name}"], atol=2e-5, rtol=1e-4, msg=name)
+
+    cut = tmp_path / "cut"  # the 2-process run as if stopped after its first step, resumed by one process
+    cut.mkdir()
+    save_checkpoint(cut / "checkpoint.safetensors", a.tensors, a.config, **a.info | {"step": 1})
+    line = one_line_error(run("train", "resume=true", f"run_dir={cut}"))
+    assert "trained on 2 process(es) and this is 1" in line and "torchrun --nproc_per_node=2" in line
 
     dataset = open_dataset(load_world_model(ddp))
     clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, load_world_model(ddp).codec)
@@ -244,7 +267,7 @@ def one_line_error(done) -> str:
 def train_error(capsys, *args) -> str:
     """The one error line of leworld.train run in this process (quicker than a new interpreter)."""
     with pytest.raises(SystemExit) as stop:
-        run_main("train", train, list(args))
+        run_main("train", lambda cfg: train(cfg, list(args)), list(args))
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines)
@@ -261,12 +284,27 @@ def test_bad_settings_are_one_line_before_training(data_path, tmp_path, trained,
            "train.epchs=2": "--help lists every key", "model=huge": "there is no model=huge",
            "planner.elites=1000": "elites", "probe.horizon=60": "no episode of",
            "protocol.goal_offset=60": "protocol.goal_offset=60",
-           "model.predictor.rollout_steps=0": "model.predictor.rollout_steps=0"}
+           "model.predictor.rollout_steps=0": "model.predictor.rollout_steps=0",
+           # once tracebacks, a run trained to NaN, or a value accepted that could not work
+           "model.frameskip=0": "model.frameskip=0",
+           "train.lr=1e300": "train.lr=1e+300: it must be a number > 0 and <= 1", "model.latent_dim=nan": "latent_dim=nan",
+           "model.history=0": "model.history=0", "model.sigreg.weight=-1": "model.sigreg.weight=-1",
+           "planner.iterations=-1": "planner.iterations=-1", "planner.std=-1": "planner.std=-1",
+           "env.kwargs.image_size=100000": "env.kwargs.image_size=100000: it must be an integer >= 8 and <= 1024",
+           "model.image_size=64": "holds 32-px frames, which the encoder would upscale",
+           "model.predictor.dropout=1": "model.predictor.dropout=1"}
     for override, message in bad.items():
         run_dir = tmp_path / "never"
         line = train_error(capsys, *ok, "plan_after_training=true", override, f"run_dir={run_dir}")
         assert message in line, (override, line)
         assert not run_dir.exists(), override
+    for overrides, message in {("planner=gradient", "planner.lr=nan"): "planner.lr=nan",
+                               ("planner=mppi", "planner.temperature=-5"): "planner.temperature=-5",
+                               ("planner=mppi", "planner.min_std=3"): "min_std <= max_std"}.items():
+        assert message in train_error(capsys, *ok, "plan_after_training=true", *overrides, f"run_dir={tmp_path / 'c'}")
+    assert "is not a world model that trains" in train_error(capsys, "model=oracle", f"data.path={data_path}",
+                                                             f"run_dir={tmp_path / 'c'}")
+    assert not (tmp_path / "c").exists()
     assert "holds tworoom data, not pusht" in train_error(capsys, *ok, "env=pusht", f"run_dir={tmp_path / 'a'}")
     assert "holds 32-px frames" in train_error(capsys, *ok, "env.kwargs.image_size=48", f"run_dir={tmp_path / 'a'}")
     assert "not an image pretraining one" in train_error(capsys, *ok, f"model.encoder.init={trained[0]}",
@@ -287,14 +325,15 @@ def test_a_user_folder_at_data_path_is_never_touched(tmp_path, capsys):
     assert (folder / "episodes" / "notes.txt").read_text() == "keep me"
 
 
-def test_faults_before_and_during_training(data_path, tmp_path, trained):
+def test_faults_before_and_during_training(data_path, tmp_path, trained, capsys, monkeypatch):
     env = os.environ | {"MUJOCO_GL": "nonsense"}  # a machine that cannot render: found before training
     done = run("train", *TINY_RUN, f"data.path={data_path}", f"run_dir={tmp_path / 'gl'}", env=env)
     assert "MUJOCO_GL=nonsense" in one_line_error(done) and not (tmp_path / "gl").exists()
     # a loss that diverges before the first checkpoint leaves no run folder behind, so it can be reused
-    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.lr=1e30", "train.log_every=1",
-               f"run_dir={tmp_path / 'nan'}")
-    assert "lower train.lr" in one_line_error(done) and not (tmp_path / "nan").exists()
+    real = LeWorldModel.loss  # made NaN: no valid setting diverges this tiny run (lr is at most 1)
+    monkeypatch.setattr(LeWorldModel, "loss", lambda self, batch: {k: v * torch.nan for k, v in real(self, batch).items()})
+    line = train_error(capsys, *TINY_RUN, f"data.path={data_path}", "train.log_every=1", f"run_dir={tmp_path / 'nan'}")
+    assert "the loss became nan by step 1; lower train.lr" in line and not (tmp_path / "nan").exists()
 
 
 def test_an_interrupted_run_names_its_checkpoint_and_the_resume_command(data_path, tmp_path, trained):
@@ -311,6 +350,42 @@ def test_an_interrupted_run_names_its_checkpoint_and_the_resume_command(data_pat
     out, err = job.communicate(timeout=60)
     assert job.returncode == 130
     assert f"resume=true run_dir={run_dir}" in out and "is kept" in out
+
+
+def test_a_second_training_in_a_running_runs_folder_is_refused_and_sigterm_keeps_the_checkpoint(data_path, tmp_path,
+                                                                                                 trained):
+    run_dir = tmp_path / "busy"
+    args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=30", "train.save_every=2", "probe_after_training=false"]
+    first = subprocess.Popen([sys.executable, "-m", "leworld.train", *args, f"run_dir={run_dir}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoint.safetensors").exists():
+        time.sleep(0.05)
+    for second in ([*args, "train.lr=1e-3", f"run_dir={run_dir}"], ["resume=true", f"run_dir={run_dir}"]):
+        assert f"is in use by process {first.pid}" in one_line_error(run("train", *second))
+    assert first.poll() is None, "the first run ended before the second was tried"
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert "stopped by SIGTERM at step" in out and f"resume=true run_dir={run_dir}" in out and "is kept" in out
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt.config["train"]["lr"] == 2e-3 and 0 < ckpt.info["step"] < ckpt.info["total_steps"]  # its own, whole
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one writer
+    # the lock went with the process: the folder can be resumed (here refused only for the changed setting)
+    assert "drop train.lr=1e-3" in one_line_error(run("train", "resume=true", f"run_dir={run_dir}", "train.lr=1e-3"))
+
+
+def test_a_disk_without_room_for_two_checkpoints_is_refused_before_training(data_path, tmp_path, trained, capsys,
+                                                                           monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: real(where)._replace(free=100_000))
+    line = train_error(capsys, *TINY_RUN, f"data.path={data_path}", f"run_dir={tmp_path / 'full'}")
+    assert "MB but its disk has 0.1 MB free; free space or choose another run_dir" in line, line
+    needed = float(re.search(r"needs ([\d.]+) MB", line)[1])
+    one = (trained[0] / "checkpoint.safetensors").stat().st_size / 1e6  # a real checkpoint of this model
+    assert 2 * one <= needed <= 2 * one + 2.2  # two of them, and the 1 MiB margin of each
+    assert not (tmp_path / "full").exists()
 
 
 def test_loading_errors_are_one_line(trained, tmp_path):

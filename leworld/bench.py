@@ -35,7 +35,8 @@ from leworld.collect import collect
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
 from leworld.models import WORLD_MODELS
 from leworld.optim import Optimisation
-from leworld.runtime import Processes, autocast, load_config, pick_device, run_main
+from leworld import settings
+from leworld.runtime import Processes, autocast, check_values, load_config, pick_device, run_main
 from leworld.sigreg import SIGReg, quadrature
 from planners import CEM
 
@@ -407,7 +408,12 @@ def main() -> None:
     if name not in BENCHMARKS:
         print(f"usage: python -m leworld.bench {{{','.join(BENCHMARKS)}}} [key=value ...]", file=sys.stderr)
         sys.exit(2)
-    run_main("bench", BENCHMARKS[name], sys.argv[2:])
+
+    def checked_run(cfg: DictConfig):
+        check_values(cfg, settings.bench(cfg))
+        return BENCHMARKS[name](cfg)
+
+    run_main("bench", checked_run, sys.argv[2:])
 
 
 if __name__ == "__main__":

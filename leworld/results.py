@@ -22,9 +22,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.bench import bench_planning, bench_train, machine_name
 from leworld.collect import collect, unfinished_collection
+from leworld.folders import FolderLock, entries, lock_folder
 from leworld.runtime import check_values, load_config, pick_device, require, run_main
 from leworld.train import collect_config, train
 
@@ -50,20 +51,21 @@ class Tee:
         return getattr(self.stream, name)
 
 
-def output_folder(path: str) -> Path:
+def output_folder(path: str) -> FolderLock:
+    """The new or empty folder `path`, locked by this process for the run (leworld/folders.py)."""
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or entries(out)):
         raise LeworldError(f"out={out} is not an empty folder; choose a new one (nothing in it is overwritten)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LeworldError(f"cannot make out={out} ({err.strerror or err}); choose a writable folder") from None
-    return out
+    lock = lock_folder(out, "wait for it to end, or choose another out=")
+    if entries(out):  # filled by another process between the look and the lock
+        lock.release()
+        raise LeworldError(f"out={out} is not an empty folder; choose a new one (nothing in it is overwritten)")
+    return lock
 
 
 def results_run(cfg: DictConfig) -> dict:
     out_path = require(cfg, "out", "out=<folder> is needed: the new or empty folder for summary.json and console.log")
-    check_values(cfg, {"minutes": (float, 0.01, None)})
+    check_values(cfg, settings.RESULTS)
     if cfg.size not in cfg.sizes:
         raise LeworldError(f"size={cfg.size} is not one of: {', '.join(cfg.sizes)}")
     stages = cfg.sizes[cfg.size]
@@ -73,7 +75,8 @@ def results_run(cfg: DictConfig) -> dict:
     bench_args = {name: [*stages[name], f"device={cfg.device}"]
                   for name in ("bench_train", "bench_planning", "bench_planning_compiled") if stages[name]}
     bench_cfgs = {name: load_config("bench", args) for name, args in bench_args.items()}
-    out = output_folder(out_path)
+    folder = output_folder(out_path)
+    out = folder.folder
     summary = {"command": "python -m leworld.results " + " ".join(sys.argv[1:]), "size": cfg.size,
                "minutes": cfg.minutes, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine_name(pick_device(cfg.device)), "overrides": OmegaConf.to_container(stages), "stages": {}}
@@ -118,6 +121,7 @@ def results_run(cfg: DictConfig) -> dict:
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         log.close()
+        folder.release()
     if failed:
         raise LeworldError(f"stages {', '.join(failed)} failed (their errors are in {out / 'summary.json'}); the others ran")
     return summary

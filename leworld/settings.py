@@ -112,3 +112,21 @@ def pretrain(cfg: DictConfig) -> dict:
         "probe.knn_temperature": POSITIVE, "probe.batch_size": COUNT,
         **prefixed("backbone", BACKBONES.get(cfg.backbone.name, {})),
     }
+
+
+RESULTS = {"minutes": (float, 0.01, None)}  # its stages are train's and bench's, each checked by its own table
+
+BENCH = {"sigreg.n": (int, 2, None), "sigreg.m": COUNT, "sigreg.dim": COUNT, "sigreg.knots": (int, 2, None),
+         "sigreg.repeats": COUNT, "collect.image_sizes": IMAGE_SIZE, "collect.workers": COUNT, "collect.steps": COUNT,
+         "sampler.episodes": COUNT, "sampler.frames": COUNT, "sampler.frameskip": COUNT, "sampler.batch_sizes": COUNT,
+         "sampler.seconds": POSITIVE, "planning.environments": COUNT, "planning.context": COUNT,
+         "planning.horizon": COUNT, "planning.repeats": COUNT, **prefixed("planning.cem", PLANNERS["cem"]),
+         "train.batch_size": nullable(COUNT), "train.warmup": (int, 0, None), "train.steps": COUNT,
+         "train.repeats": COUNT, "train.peak_tflops": nullable(POSITIVE)}
+
+
+def bench(cfg: DictConfig) -> dict:
+    """The table of `python -m leworld.bench`, with each planning model's measured share of a solve."""
+    measured = {f"planning.measure.{name}.{key}": COUNT for name, part in (cfg.planning.measure or {}).items()
+                if part is not None for key in part}
+    return BENCH | measured

@@ -305,6 +305,10 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> dict:
         check_config(cfg)  # a bad setting is refused before a run folder is made
     procs = start_processes(cfg.device)
     folder = hold_run_dir(cfg) if procs.is_main else None
+    if procs.world_size > 1 and not cfg.resume:  # every process knows the run folder, to name it if the run stops
+        shared = [str(folder.folder) if folder else None]
+        dist.broadcast_object_list(shared, src=0)
+        cfg.run_dir = shared[0]
     try:
         return training_run(cfg, overrides, procs, folder, started)
     except BaseException:
@@ -400,6 +404,18 @@ def checkpoint_bytes(opt: Optimisation) -> int:
     weights = sum(t.numel() * t.element_size() for t in opt.model.state_dict().values())
     moments = 2 * sum(p.numel() * p.element_size() for p in opt.model.parameters() if p.requires_grad)
     return weights + moments + 2**20
+
+
+# what the gloo and NCCL back ends say when a peer process is gone
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "ProcessGroupNCCL")
+
+
+def what_is_kept(cfg: DictConfig, saved_at: int, processes: int) -> str:
+    """What an interrupted run leaves, and the command that continues it (every process can say it)."""
+    if cfg.run_dir is None or not (Path(cfg.run_dir) / FILENAME).exists():
+        return "no checkpoint was saved yet"
+    return f"the checkpoint of step {saved_at} is kept in {cfg.run_dir}; continue with {resume_command(cfg.run_dir, processes)}"
 
 
 def resume_command(run_dir: str | Path, processes: int) -> str:
@@ -503,11 +519,15 @@ def training_loop(opt: Optimisation, cfg: DictConfig, procs: Processes, train_cl
                 epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt as stop:
         bar.close()
-        kept = (f"the checkpoint of step {saved_at} is kept in {run_dir}; continue with "
-                f"{resume_command(run_dir, procs.world_size)}") if (run_dir and (run_dir / FILENAME).exists()) \
-            else "no checkpoint was saved yet"
-        log.print(f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'} at step {step}: {kept}")
+        log.print(f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'} at step {step}: "
+                  f"{what_is_kept(cfg, saved_at, procs.world_size)}")
         raise
+    except RuntimeError as err:  # under torchrun: a peer that died (killed, out of memory) ends the collectives
+        if procs.world_size == 1 or not any(word in str(err) for word in PEER_LOST):
+            raise
+        bar.close()
+        raise LeworldError(f"another training process stopped at step {step} (killed, or out of memory: its own "
+                           f"output says which); {what_is_kept(cfg, saved_at, procs.world_size)}") from None
     finally:
         bar.close()
     elapsed = time.perf_counter() - start

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,18 @@ def written_with_these_files(dataset):
 
     meta = json.loads((dataset / "meta.json").read_text())
     (dataset / "meta.json").write_text(json.dumps(meta | {"content": content_fingerprint(dataset / "tensors")}))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (psutil is not a dependency)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return children
 
 
 def codec(action_dim=2, frameskip=2, mean=0.0, std=1.0):

@@ -21,7 +21,7 @@ from leworld import LeworldError, collect as collect_module
 from leworld.collect import collect, unfinished_collection
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
-from conftest import written_with_these_files
+from conftest import child_pids, written_with_these_files
 
 
 def collect_cli(*args, **kwargs):
@@ -343,18 +343,6 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
     finally:
         path.chmod(0o700)
     assert not any(path.iterdir())
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, from /proc (psutil is not a dependency)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    return children
 
 
 def running(pid: int) -> bool:

@@ -24,7 +24,7 @@ from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
 from leworld.runtime import CONFIG_DIR, load_config, run_main
 from leworld.train import held_out_batches, recalibrate_batchnorm, train, validate
-from conftest import TINY_RUN, run
+from conftest import TINY_RUN, child_pids, run
 
 
 def test_training_learns_and_leaves_a_probed_checkpoint(trained):
@@ -237,6 +237,25 @@ def test_torchrun_ranks_split_one_global_batch_and_match_one_process(data_path, 
     both = next(clips.epoch(16, seed=5))
     assert not torch.equal(rank0["pixels"], rank1["pixels"])  # each rank its own clips ...
     assert torch.equal(torch.cat([rank0["pixels"], rank1["pixels"]]), both["pixels"])  # ... of one global batch
+
+
+def test_a_killed_torchrun_process_leaves_the_others_saying_how_to_resume(data_path, tmp_path, trained):
+    run_dir = tmp_path / "ddp"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "leworld.train", *TINY_RUN, f"data.path={data_path}", "train.batch_size=8",
+                            "train.epochs=30", "train.save_every=5", "probe_after_training=false", f"run_dir={run_dir}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoint.safetensors").exists():
+        time.sleep(0.05)
+    ranks = child_pids(job.pid)
+    assert len(ranks) == 2 and job.poll() is None
+    os.kill(max(ranks), signal.SIGKILL)  # one of the two processes, as the out-of-memory killer would
+    out, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert f"continue with torchrun --nproc_per_node=2 -m leworld.train resume=true run_dir={run_dir}" in out + err
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err[-3000:]  # torchrun's own remains
+    assert 0 < load_checkpoint(run_dir).info["step"] < load_checkpoint(run_dir).info["total_steps"]
 
 
 def test_encoder_from_image_pretraining(data_path, tmp_path, trained):

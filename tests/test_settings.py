@@ -1,0 +1,69 @@
+"""Every numeric setting of every verb's config, with each preset, env, planner, backbone and data
+choice, has a checked range in leworld/settings.py; and a value outside it is one line naming the key."""
+
+import pytest
+from omegaconf import OmegaConf
+
+import envs
+from leworld import LeworldError, settings
+from leworld.runtime import CONFIG_DIR, check_values, load_config
+
+
+def numeric_keys(cfg) -> set[str]:
+    """Dotted keys of the config's numbers and non-empty lists of numbers (booleans are not numbers)."""
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}{key}.")
+            return
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if number(node) or isinstance(node, list) and node and all(number(v) for v in node):
+            yield prefix[:-1]
+
+    return set(walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), ""))
+
+
+def options(group: str) -> list[str]:
+    return sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def verbs():
+    for model in [m for m in options("model") if m != "oracle"]:
+        for planner in options("planner"):
+            yield "train", [f"model={model}", f"planner={planner}"], settings.train
+    for env in envs.ENVS:
+        yield "train", [f"env={env}"], settings.train
+        yield "collect", [f"env={env}", "workers=2"], lambda cfg: settings.COLLECT  # "auto" is resolved first
+    for encoder in options("encoder"):
+        yield "train", [f"encoder={encoder}"], settings.train
+    for planner in options("planner"):
+        yield "eval", [f"planner={planner}", "env=pusht", "model=oracle"], settings.evaluate
+    yield "probe", [], lambda cfg: settings.PROBE_VERB
+    for backbone in options("backbone"):
+        for data in options("data"):
+            yield "pretrain", [f"backbone={backbone}", f"data={data}"], settings.pretrain
+    yield "results", ["out=x"], lambda cfg: settings.RESULTS
+    yield "bench", [], settings.bench
+
+
+@pytest.mark.parametrize("verb, overrides, table", list(verbs()),
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v if isinstance(v, str) else "")
+def test_every_numeric_setting_has_a_range(verb, overrides, table):
+    cfg = load_config(verb, overrides)
+    if verb == "results":  # its stages' settings are lists of overrides, checked by train and bench
+        cfg = OmegaConf.masked_copy(cfg, ["minutes"])
+    rules = table(cfg)
+    unchecked = sorted(numeric_keys(cfg) - set(rules))
+    assert not unchecked, f"python -m leworld.{verb} {' '.join(overrides)}: no range for {unchecked}"
+    check_values(cfg, rules)  # and the defaults lie inside their ranges
+
+
+def test_a_value_outside_its_range_names_the_key_and_the_range():
+    cfg = load_config("train", ["planner=mppi", "planner.temperature=-5"])
+    with pytest.raises(LeworldError, match=r"^planner.temperature=-5: it must be a number > 0$"):
+        check_values(cfg, settings.train(cfg))
+    cfg = load_config("train", ["model.encoder.projector.hidden=[64,0]"])
+    with pytest.raises(LeworldError, match=r"model.encoder.projector.hidden=\[64, 0\]: each of its values must be"):
+        check_values(cfg, settings.train(cfg))
+    cfg = load_config("train", ["train.minutes=null", "protocol.receding_horizon=null"])  # null where null means none
+    check_values(cfg, settings.train(cfg))

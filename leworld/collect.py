@@ -36,22 +36,13 @@ from tensordict import TensorDict
 from tqdm import tqdm
 
 import envs
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.data import FORMAT, VERSION, content_fingerprint, dataset_problems
 from leworld.folders import check_free_space, entries, lock_folder, write_atomically
-from leworld.runtime import MAX_IMAGE_SIZE, Stopped, check_values, run_main
+from leworld.runtime import Stopped, check_values, run_main
 
 EPISODE_FILE = "ep_{:06d}.npz"
 MARKER = "collection.json"  # dataset_problems (data.py) knows this name too
-
-# Every numeric setting of an env config (configs/env/*.yaml), and its range: what train and collect share.
-ENV_RULES = {"env.kwargs.image_size": (int, 8, MAX_IMAGE_SIZE), "env.episode_length": (int, 1, None),
-             "env.expert_fraction": (float, 0, 1), **{f"env.scale.{scale}.{key}": rule for scale in ("cpu", "gpu")
-                                                      for key, rule in (("episodes", (int, 1, None)),
-                                                                        ("image_size", (int, 8, MAX_IMAGE_SIZE)))}}
-# python -m leworld.collect's (import's resize: leworld/hdf5.py)
-RULES = {"episodes": (int, 1, None), "episode_length": (int, 1, None), "workers": (int, 1, None),
-         "expert_fraction": (float, 0, 1), "noise": (float, 0, None), "seed": (int, 0, None), **ENV_RULES}
 
 
 def env_kwargs(env_cfg: DictConfig) -> dict:
@@ -224,14 +215,15 @@ def _frame_bytes(env: envs.Env, seed: int) -> int:
 def collect(cfg: DictConfig) -> Path:
     if cfg.workers == "auto":
         cfg.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    check_values(cfg, RULES)
+    check_values(cfg, settings.COLLECT)
     kwargs = env_kwargs(cfg.env)
     env = envs.make(cfg.env.name, **kwargs)  # bad env settings fail here, in one line, before any file is made
     frame_bytes = _frame_bytes(env, cfg.seed)
     env.close()
     root = Path(cfg.path)
     unfinished_collection(root)  # a folder of the user's is refused before anything is made in it
-    with lock_folder(root, "wait for it to end (a second collection there would write the same episodes), or choose another path="):
+    with lock_folder(root, "wait for it to end (a second collection there would write the same episodes), or choose "
+                           "another path="):
         return _collect_into(root, cfg, kwargs, frame_bytes)
 
 
@@ -301,6 +293,7 @@ def verify(cfg: DictConfig) -> None:
 def preview(cfg: DictConfig) -> Path:
     """A PNG strip of frames from one expert episode, at the dataset's image size (each pixel drawn
     as a 3 x 3 block so that small frames can be seen)."""
+    check_values(cfg, {key: rule for key, rule in settings.COLLECT.items() if key != "workers"})  # it starts none
     env = envs.make(cfg.env.name, **env_kwargs(cfg.env))
     rng = np.random.default_rng(cfg.seed)
     episode = record_episode(env, envs.make_policy(cfg.env.name, env, rng, expert=True, noise=cfg.noise),

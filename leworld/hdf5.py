@@ -37,12 +37,12 @@ from tensordict import TensorDict
 from tqdm import tqdm
 
 import envs
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.collect import column_statistics, env_kwargs
 from leworld.data import FORMAT, VERSION, EpisodeDataset, content_fingerprint, content_problems
 from leworld.folders import (check_free_space, entries, lock_folder, move_without_overwriting, unique_partial,
                              write_atomically)
-from leworld.runtime import MAX_IMAGE_SIZE, check_values, load_config, nullable
+from leworld.runtime import check_values, load_config
 
 IMPORT_MARKER = "import.json"  # read_meta (data.py) knows this name too
 ENV_ATTRIBUTE, KWARGS_ATTRIBUTE = "leworld_env", "leworld_env_kwargs"
@@ -161,7 +161,7 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
         cfg.env = load_config("collect", [f"env={name}"]).env
     if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or entries(root)):
         raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
-    check_values(cfg, {"resize": nullable((int, 8, MAX_IMAGE_SIZE))})
+    check_values(cfg, {"resize": settings.COLLECT["resize"]})
     with open_file(h5py, source) as file, lock_folder(root, "wait for it to end, or choose another out="):
         return _import_into(root, file, source, cfg)
 

@@ -25,10 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 import envs
-from leworld import LeworldError
+from leworld import LeworldError, settings
 from leworld.checkpoint import (FILENAME, Checkpoint, load_checkpoint, load_weights, optimizer_state, resolve_path,
                                 restore_optimizer, restore_rng, rng_state, save_checkpoint, select)
-from leworld import settings
 from leworld.collect import collect, unfinished_collection
 from leworld.data import ActionCodec, ClipSampler, EpisodeDataset
 from leworld.eval import check_protocol, make_planner, plan, sample_tasks
@@ -338,7 +337,7 @@ def training_run(cfg: DictConfig, overrides: list[str], procs: Processes, folder
     if cfg.resume:
         cfg, resume_from = resume_config(cfg, overrides)
         check_config(cfg)
-        trained_on = resume_from.info.get("world_size", procs.world_size)  # not recorded before leworld 0.1
+        trained_on = resume_from.info.get("world_size", procs.world_size)  # unknown in checkpoints older than the record
         if trained_on != procs.world_size:
             raise LeworldError(f"the run in {cfg.run_dir} trained on {trained_on} process(es) and this is "
                                f"{procs.world_size}: its steps, learning-rate schedule and clip order are sized for "

@@ -2,6 +2,7 @@
 with a non-zero exit for every kind of bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from PIL import Image
 from leworld.augment import normalize, to_float
 from leworld.checkpoint import load_checkpoint
 from leworld.pretrain import LeJEPA, load_encoder, pretrain
-from leworld.runtime import run_main
+from leworld import LeworldError
+from leworld.runtime import load_config, run_main
 
 # A model and run small enough for seconds; with data=shapes also a small generated set.
 TINY = ["logger=none", "views.global.size=16", "views.local.size=8", "views.local.count=2",
@@ -92,9 +94,11 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     assert "backbone=resnet50; choose one of: convnet_small" in cli("backbone=resnet50")
     assert "unknown backbone name 'resnet'" in cli("backbone.name=resnet")
     assert "bad override" in cli("train.epochz=3")
-    assert "views.global.size=0: it must be an integer >= 8" in cli("views.global.size=0")  # once a traceback
-    assert "loss.sigreg_weight=2: it must be a number >= 0 and <= 1" in cli("loss.sigreg_weight=2")
-    assert "views.local.scale=[0.5, 0.1]: it must be [lowest, highest]" in cli("views.local.scale=[0.5,0.1]")
+    for override, message in {"views.global.size=0": "views.global.size=0: it must be an integer >= 8",  # a traceback once
+                              "loss.sigreg_weight=2": "loss.sigreg_weight=2: it must be a number >= 0 and <= 1",
+                              "views.local.scale=[0.5,0.1]": "views.local.scale=[0.5, 0.1]: it must be [lowest, highest]"}.items():
+        with pytest.raises(LeworldError, match=re.escape(message)):  # in this process: quicker than a new interpreter
+            pretrain(load_config("pretrain", [*TINY, *TINY_SHAPES, override, f"run_dir={tmp_path / 'run'}"]))
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli("device=cuda")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # failed runs leave nothing

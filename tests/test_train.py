@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from leworld.checkpoint import load_checkpoint, save_checkpoint, select
+from leworld.collect import collect
 from leworld.data import ClipSampler
 from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
@@ -139,7 +140,7 @@ def kill_at_step(args, run_dir, step):
     return load_checkpoint(run_dir).info["step"]
 
 
-def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data_path, tmp_path, trained):
+def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data_path, tmp_path, trained, capsys):
     args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
     whole = tmp_path / "whole"
     assert run("train", *args, f"run_dir={whole}").returncode == 0
@@ -169,15 +170,15 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data
     assert "is complete" in one_line_error(run("train", "resume=true", f"run_dir={moved}"))
     assert "drop train.lr" in one_line_error(run("train", "resume=true", f"run_dir={killed}", "train.lr=0.1"))
     # overrides equal to the defaults, not to the run's settings, are refused too (they used to pass, ignored)
-    line = one_line_error(run("train", "resume=true", f"run_dir={killed}", "train.lr=1e-3", "train.epochs=10",
-                              "train.batch_size=64", "env=pusht", "model=lewm_cpu"))
+    line = train_error(capsys, "resume=true", f"run_dir={killed}", "train.lr=1e-3", "train.epochs=10",
+                       "train.batch_size=64", "env=pusht", "model=lewm_cpu")
     for dropped in ("train.lr=1e-3 (the run's: 0.002)", "train.epochs=10 (the run's: 6)",
                     "train.batch_size=64 (the run's: 32)", "env=pusht (the run's: tworoom)", "model=lewm_cpu"):
         assert dropped in line, line
-    assert "encoder=convnet_cpu" in one_line_error(run("train", "resume=true", f"run_dir={killed}", "encoder=convnet_cpu"))
+    assert "encoder=convnet_cpu" in train_error(capsys, "resume=true", f"run_dir={killed}", "encoder=convnet_cpu")
 
 
-def test_resume_refuses_another_dataset(data_path, tmp_path, trained):
+def test_resume_refuses_another_dataset(data_path, tmp_path, trained, capsys):
     data = tmp_path / "data"
     shutil.copytree(data_path, data)
     args = [*TINY_RUN, f"data.path={data}", "train.epochs=6", "train.save_every=3", "probe_after_training=false"]
@@ -185,11 +186,11 @@ def test_resume_refuses_another_dataset(data_path, tmp_path, trained):
     kill_at_step(args, killed, 3)
     meta_json = (data / "meta.json").read_text()
     other = tmp_path / "other"  # another collection of the same sizes: its files, under the run's meta.json
-    assert run("collect", *[a for a in TINY_RUN if a.startswith("env")], "episodes=16", "seed=1",
-               f"path={other}").returncode == 0
+    collect(load_config("collect", [*(a for a in TINY_RUN if a.startswith("env")), "episodes=16", "seed=1", "workers=1",
+                                    f"path={other}"]))
     shutil.copytree(other / "tensors", data / "tensors", dirs_exist_ok=True)
-    assert ".memmap is not the file this dataset was written with" in one_line_error(
-        run("train", "resume=true", f"run_dir={killed}"))
+    assert ".memmap is not the file this dataset was written with" in train_error(capsys, "resume=true",
+                                                                                   f"run_dir={killed}")
     shutil.copytree(data_path / "tensors", data / "tensors", dirs_exist_ok=True)  # the run's own files back
     meta = json.loads(meta_json)
     (data / "meta.json").write_text(json.dumps(meta | {"created": "another day"}))  # collected again
@@ -372,7 +373,7 @@ def test_an_interrupted_run_names_its_checkpoint_and_the_resume_command(data_pat
 
 
 def test_a_second_training_in_a_running_runs_folder_is_refused_and_sigterm_keeps_the_checkpoint(data_path, tmp_path,
-                                                                                                 trained):
+                                                                                                 trained, capsys):
     run_dir = tmp_path / "busy"
     args = [*TINY_RUN, f"data.path={data_path}", "train.epochs=30", "train.save_every=2", "probe_after_training=false"]
     first = subprocess.Popen([sys.executable, "-m", "leworld.train", *args, f"run_dir={run_dir}"],
@@ -381,7 +382,7 @@ def test_a_second_training_in_a_running_runs_folder_is_refused_and_sigterm_keeps
     while time.time() < deadline and not (run_dir / "checkpoint.safetensors").exists():
         time.sleep(0.05)
     for second in ([*args, "train.lr=1e-3", f"run_dir={run_dir}"], ["resume=true", f"run_dir={run_dir}"]):
-        assert f"is in use by process {first.pid}" in one_line_error(run("train", *second))
+        assert f"is in use by process {first.pid}" in train_error(capsys, *second)
     assert first.poll() is None, "the first run ended before the second was tried"
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=60)
@@ -392,7 +393,7 @@ def test_a_second_training_in_a_running_runs_folder_is_refused_and_sigterm_keeps
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one writer
     # the lock went with the process: the folder can be resumed (here refused only for the changed setting)
-    assert "drop train.lr=1e-3" in one_line_error(run("train", "resume=true", f"run_dir={run_dir}", "train.lr=1e-3"))
+    assert "drop train.lr=1e-3" in train_error(capsys, "resume=true", f"run_dir={run_dir}", "train.lr=1e-3")
 
 
 def test_a_disk_without_room_for_two_checkpoints_is_refused_before_training(data_path, tmp_path, trained, capsys,

@@ -85,8 +85,9 @@ def overrides_that_change(overrides: list[str], saved: DictConfig) -> list[str]:
         key = override.split("=", 1)[0].lstrip("~+")
         wanted, theirs = lookup(asked, key), lookup(had, key)
         if wanted is MISSING or wanted != theirs:  # a group that sets keys elsewhere (encoder=, recipe=): not comparable
-            if isinstance(theirs, dict):
-                theirs = theirs.get("name", "other settings")
+            if isinstance(theirs, dict):  # a group: named by its preset, unless that is what they share
+                same_name = isinstance(wanted, dict) and wanted.get("name") == theirs.get("name")
+                theirs = "other settings" if same_name else theirs.get("name", "other settings")
             differ.append(override + ("" if theirs is MISSING else f" (the run's: {theirs})"))
     return differ
 
@@ -228,7 +229,7 @@ def check_later_steps(cfg: DictConfig, dataset: EpisodeDataset, held_out: np.nda
         ClipSampler(dataset, held_out, cfg.model.history + cfg.probe.horizon, model.codec)
     if cfg.plan_after_training:
         sample_tasks(dataset, held_out, 1, cfg.protocol.goal_offset, cfg.seed)
-        make_planner(cfg.planner, model.codec, cfg.seed, device)
+    make_planner(cfg.planner, model.codec, cfg.seed, device)  # saved with the run, and eval's default: valid either way
 
 
 # ---- training -------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data
     line = train_error(capsys, "resume=true", f"run_dir={killed}", "train.lr=1e-3", "train.epochs=10",
                        "train.batch_size=64", "env=pusht", "model=lewm_cpu")
     for dropped in ("train.lr=1e-3 (the run's: 0.002)", "train.epochs=10 (the run's: 6)",
-                    "train.batch_size=64 (the run's: 32)", "env=pusht (the run's: tworoom)", "model=lewm_cpu"):
+                    "train.batch_size=64 (the run's: 32)", "env=pusht (the run's: tworoom)",
+                    "model=lewm_cpu (the run's: other settings)"):
         assert dropped in line, line
     assert "encoder=convnet_cpu" in train_error(capsys, "resume=true", f"run_dir={killed}", "encoder=convnet_cpu")
 
@@ -321,7 +322,7 @@ def test_bad_settings_are_one_line_before_training(data_path, tmp_path, trained,
     for overrides, message in {("planner=gradient", "planner.lr=nan"): "planner.lr=nan",
                                ("planner=mppi", "planner.temperature=-5"): "planner.temperature=-5",
                                ("planner=mppi", "planner.min_std=3"): "min_std <= max_std"}.items():
-        assert message in train_error(capsys, *ok, "plan_after_training=true", *overrides, f"run_dir={tmp_path / 'c'}")
+        assert message in train_error(capsys, *ok, *overrides, f"run_dir={tmp_path / 'c'}")  # planning after or not
     assert "is not a world model that trains" in train_error(capsys, "model=oracle", f"data.path={data_path}",
                                                              f"run_dir={tmp_path / 'c'}")
     assert not (tmp_path / "c").exists()

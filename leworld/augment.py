@@ -11,28 +11,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from leworld.nn.preprocess import normalize, to_float
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as in torchvision's grayscale
-
-
-def to_float(images: Tensor) -> Tensor:
-    """uint8 images (..., 3, H, W) -> float in [0, 1]."""
-    return images.float() / 255.0
-
-
-def normalize(images: Tensor) -> Tensor:
-    """Float images in [0, 1] (..., 3, H, W) -> standardised with the ImageNet statistics."""
-    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = images.new_tensor(IMAGENET_STD)[:, None, None]
-    return (images - mean) / std
-
-
-def resize(images: Tensor, size: int) -> Tensor:
-    """Float images (B, 3, H, W) -> (B, 3, size, size), antialiased."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _uniform(low: float, high: float, n: int, g: torch.Generator, device) -> Tensor:

@@ -3,7 +3,7 @@ Check one:                             python -m leworld.collect verify path=dat
 See what a model will see:             python -m leworld.collect preview env=pusht out=pusht.png
 Import stable-worldmodel's HDF5:       python -m leworld.collect import path=<file.h5> out=<dataset> [env=gym_pusht]
 Export to it:                          python -m leworld.collect export path=<dataset> out=<file.h5>
-(import and export: leworld/hdf5.py)
+(import and export: leworld/dataset/hdf5.py)
 
 Worker processes roll out the environment's scripted policies (a noisy expert, and random
 exploration for a `expert_fraction` share of the episodes) and write each finished episode to its
@@ -19,7 +19,6 @@ finishes it.
 """
 
 import ctypes
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -32,17 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 from omegaconf import DictConfig, OmegaConf
-from tensordict import TensorDict
 from tqdm import tqdm
 
 import envs
 from leworld import LeworldError, settings
-from leworld.data import FORMAT, VERSION, content_fingerprint, dataset_problems
+from leworld.dataset.format import COLLECTING, column_statistics, dataset_problems
+from leworld.dataset.writer import PARTIAL, DatasetWriter
 from leworld.folders import check_free_space, entries, lock_folder, write_atomically
 from leworld.runtime import Stopped, check_values, run_main
 
 EPISODE_FILE = "ep_{:06d}.npz"
-MARKER = "collection.json"  # dataset_problems (data.py) knows this name too
 
 
 def env_kwargs(env_cfg: DictConfig) -> dict:
@@ -108,68 +106,25 @@ def _collect_one(index: int) -> int:
 # ---- the dataset ---------------------------------------------------------------------------
 
 
-def column_statistics(values: np.ndarray) -> dict:
-    """Per-column mean, std, min and max of (N, D) values, as meta.json stores them."""
-    return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
-            "min": values.min(0).tolist(), "max": values.max(0).tolist()}
-
-
 def write_dataset(root: Path, episode_files: list[Path], meta: dict) -> None:
-    """Gather episode files into tensors/ (a tensordict memmap), then write meta.json."""
-    first = np.load(episode_files[0])
+    """Gather episode files into the dataset (leworld/dataset/writer.py), meta.json last."""
     lengths = [int(np.load(f, mmap_mode="r")["state"].shape[0]) for f in episode_files]
-    n = sum(lengths)
-    layout = {
-        "pixels": torch.zeros((), dtype=torch.uint8).expand(n, *first["pixels"].shape[1:]),
-        "action": torch.zeros(()).expand(n, first["action"].shape[1]),
-        "state": torch.zeros(()).expand(n, first["state"].shape[1]),
-        "episode": torch.zeros((), dtype=torch.int64).expand(n),
-        "step": torch.zeros((), dtype=torch.int64).expand(n),
-    }
-    if "proprio" in first:
-        layout["proprio"] = torch.zeros(()).expand(n, first["proprio"].shape[1])
-    partial = root / "tensors.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    check_free_space(root, sum(t.numel() * t.element_size() for t in layout.values()),
-                     "free space, then run again with resume=true (the episodes are kept)")
-    tensors = TensorDict(layout, batch_size=[n]).memmap_like(partial)
-    if hasattr(os, "posix_fallocate"):  # the files are sparse: take their blocks now, so that a full disk is an OSError
-        for file in partial.glob("*.memmap"):
-            with open(file, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, file.stat().st_size)
-
-    start, actions, states, experts = 0, [], [], []
-    for index, file in enumerate(tqdm(episode_files, desc="writing dataset", leave=False)):
-        episode = np.load(file)
-        length = len(episode["state"])
-        rows = slice(start, start + length)
-        tensors["pixels"][rows] = torch.from_numpy(episode["pixels"])
-        tensors["state"][rows] = torch.from_numpy(episode["state"]).float()
-        # the action after each frame; none follows an episode's last frame: 0, never sampled
-        tensors["action"][rows] = torch.from_numpy(np.concatenate([episode["action"], np.zeros_like(episode["action"][:1])])).float()
-        if "proprio" in episode:
-            tensors["proprio"][rows] = torch.from_numpy(episode["proprio"]).float()
-        tensors["episode"][rows] = index
-        tensors["step"][rows] = torch.arange(length)
+    first = np.load(episode_files[0])
+    shapes = {key: first[key].shape[1:] for key in ("pixels", "action", "state", "proprio") if key in first}
+    writer = DatasetWriter.start(root, sum(lengths), shapes, "free space, then run again with resume=true (the "
+                                                             "episodes are kept)")
+    actions, states, experts = [], [], []
+    for index, (file, row) in enumerate(zip(tqdm(episode_files, desc="writing dataset", leave=False),
+                                            np.cumsum([0, *lengths[:-1]]))):
+        episode = dict(np.load(file))
         actions.append(episode["action"])
         states.append(episode["state"])
         experts.append(bool(episode["expert"]))
-        start += length
-    del tensors  # flush the memory maps before the folder is renamed
-    content = content_fingerprint(partial)  # from the files on disk, as a reader will find them
-    shutil.rmtree(root / "tensors", ignore_errors=True)
-    os.replace(partial, root / "tensors")
-
-    meta |= {
-        "format": FORMAT, "version": VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "num_frames": n, "num_episodes": len(episode_files), "episode_lengths": lengths,
-        "image_shape": list(first["pixels"].shape[1:]), "action_dim": int(first["action"].shape[1]),
-        "state_dim": int(first["state"].shape[1]), "proprio_dim": int(first["proprio"].shape[1]) if "proprio" in first else 0,
-        "expert_episodes": experts,
-        "stats": {"action": column_statistics(np.concatenate(actions)), "state": column_statistics(np.concatenate(states))},
-        "content": content,
-    }
-    write_atomically(root / "meta.json", json.dumps(meta, indent=1).encode())
+        # the action after each frame; none follows an episode's last frame: 0, never sampled
+        episode["action"] = np.concatenate([episode["action"], np.zeros_like(episode["action"][:1])])
+        writer.write_episode(index, int(row), episode)
+    writer.finish(meta | {"expert_episodes": experts, "stats": {"action": column_statistics(np.concatenate(actions)),
+                                                                 "state": column_statistics(np.concatenate(states))}})
 
 
 def unfinished_collection(path: str | Path) -> bool:
@@ -179,9 +134,9 @@ def unfinished_collection(path: str | Path) -> bool:
     root = Path(path)
     if (root / "meta.json").exists() or not root.exists() or root.is_dir() and not entries(root):
         return False
-    if (root / MARKER).is_file():
+    if (root / COLLECTING).is_file():
         return True
-    what = "a file" if not root.is_dir() else f"a folder with neither a dataset (meta.json) nor a collection ({MARKER}) in it"
+    what = "a file" if not root.is_dir() else f"a folder with neither a dataset (meta.json) nor a collection ({COLLECTING}) in it"
     raise LeworldError(f"{root} is {what}; choose another path, or empty it yourself (leworld changed nothing there)")
 
 
@@ -194,12 +149,12 @@ def collection_settings(cfg: DictConfig) -> dict:
 
 def _check_resumable(root: Path, settings: dict) -> None:
     try:
-        before = json.loads((root / MARKER).read_text())
+        before = json.loads((root / COLLECTING).read_text())
         now = json.loads(json.dumps(settings))  # compared as they are stored
         differ = [f"{key}={before.get(key)} (this run: {now.get(key)})" for key in {**before, **now}
                   if before.get(key) != now.get(key)]
     except (OSError, ValueError, AttributeError) as err:
-        raise LeworldError(f"{root / MARKER} is unreadable ({err}); collect into another path=") from None
+        raise LeworldError(f"{root / COLLECTING} is unreadable ({err}); collect into another path=") from None
     if differ:
         raise LeworldError(f"{root} is an unfinished collection with other settings: {', '.join(differ)}; resume it "
                            "with its settings or choose another path=")
@@ -242,7 +197,7 @@ def _collect_into(root: Path, cfg: DictConfig, kwargs: dict, frame_bytes: int) -
     check_free_space(root, (len(todo) + cfg.episodes) * (cfg.episode_length + 1) * frame_bytes)
     try:
         # before anything else, the marker that makes the folder leworld's (rewritten on resume: proves it writable)
-        write_atomically(root / MARKER, json.dumps(settings, indent=1).encode())
+        write_atomically(root / COLLECTING, json.dumps(settings, indent=1).encode())
         episodes_dir.mkdir(exist_ok=True)
         for stale in episodes_dir.glob("*.partial.npz"):  # written when a run was killed: incomplete
             stale.unlink()
@@ -264,7 +219,7 @@ def _collect_into(root: Path, cfg: DictConfig, kwargs: dict, frame_bytes: int) -
                 list(tqdm(finished, total=len(todo), desc="episodes", dynamic_ncols=True))
         write_dataset(root, files, meta)
     except OSError as err:
-        shutil.rmtree(root / "tensors.partial", ignore_errors=True)
+        shutil.rmtree(root / PARTIAL, ignore_errors=True)
         raise LeworldError(f"could not write the dataset in {root} ({err.strerror or err}); free space, then run "
                            "again with resume=true (the episodes are kept)") from None
     except KeyboardInterrupt as stop:
@@ -275,7 +230,7 @@ def _collect_into(root: Path, cfg: DictConfig, kwargs: dict, frame_bytes: int) -
               f"episodes are kept in {root}; {finish} finishes the collection", file=sys.stderr)
         raise
     shutil.rmtree(episodes_dir)
-    (root / MARKER).unlink()  # meta.json marks the folder from now on
+    (root / COLLECTING).unlink()  # meta.json marks the folder from now on
     frames = sum(json.loads((root / "meta.json").read_text())["episode_lengths"])
     print(f"wrote {root}: {cfg.episodes} episodes, {frames} frames")
     return root
@@ -313,7 +268,7 @@ def main() -> None:
     if verb in verbs:
         run_main("collect", verbs[verb], args)
     elif verb in ("import", "export"):
-        from leworld import hdf5
+        from leworld.dataset import hdf5
 
         # without env= an import takes the env a leworld export names (the default, pusht, would be a guess)
         env_given = any(a.startswith("env=") for a in args)

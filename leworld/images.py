@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from leworld import LeworldError
-from leworld.data import EpisodeDataset
+from leworld.dataset import EpisodeDataset
 from leworld.runtime import require
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}

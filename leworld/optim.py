@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from leworld import LeworldError
-from leworld.runtime import Processes, stop_processes
+from leworld.runtime import Processes
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
@@ -89,12 +89,6 @@ class Optimisation:
     @property
     def lr(self) -> float:
         return self.schedule.get_last_lr()[0]
-
-    def finish(self) -> None:
-        """Leave the process group, all processes together. DDP's reducer holds the group, so the
-        wrapper goes first: a gloo group destroyed while it is held waits for its peers forever."""
-        self.net = None
-        stop_processes()
 
 
 def check_finite(loss: float, step: int, hint: str) -> None:

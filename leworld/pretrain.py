@@ -31,7 +31,7 @@ from leworld.nn import Projector, build_backbone
 from leworld.optim import Optimisation, check_finite
 from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
 from leworld.runtime import (Processes, RunLog, autocast, check_values, discard_run, new_run_dir, run_main, seed_everything,
-                             start_processes)
+                             start_processes, stop_processes)
 from leworld.sigreg import SIGReg
 
 
@@ -178,7 +178,8 @@ def pretrain(cfg: DictConfig) -> dict:
         log.print(f"model: {cfg.backbone.name} backbone + projector, {sum(p.numel() for p in opt.model.parameters()) / 1e6:.2f}M "
                   f"parameters, on {device}{processes}; {cfg.train.epochs * len(loader)} steps; run folder {run_dir}")
         results = pretrain_loop(opt, loader, probe, cfg, procs, run_dir, log)
-        opt.finish()
+        opt.net = None  # DDP's reducer holds the process group: let go of it before the group ends
+        stop_processes()  # all processes together, before the first alone evaluates
         if not procs.is_main:
             return {}
         if labelled:

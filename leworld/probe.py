@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from leworld import LeworldError, settings
-from leworld.augment import normalize, resize, to_float
+from leworld.nn.preprocess import normalize, resize, to_float
 from leworld.checkpoint import resolve_path
-from leworld.data import ClipSampler
+from leworld.dataset import ClipSampler
 from leworld.models import load_world_model, open_dataset
 from leworld.runtime import autocast, check_values, pick_device, require, run_main
 

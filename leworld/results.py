@@ -23,11 +23,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from leworld import LeworldError, settings
-from leworld.bench import bench_planning, bench_train, machine_name
+from leworld.bench.common import machine_name
+from leworld.bench.planning import bench_planning
+from leworld.bench.training import bench_train
 from leworld.collect import collect, unfinished_collection
 from leworld.folders import FolderLock, entries, lock_folder
 from leworld.runtime import check_values, load_config, pick_device, require, run_main
-from leworld.train import collect_config, train
+from leworld.train import train
+from leworld.training.preflight import collect_config
 
 
 class Tee:

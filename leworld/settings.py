@@ -9,7 +9,7 @@ max_std, a crop scale's low <= high) are checked where they are used. tests/test
 checks that every numeric value of every config has a rule here.
 """
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from leworld.runtime import MAX_IMAGE_SIZE, Above, nullable, prefixed
 
@@ -52,12 +52,8 @@ PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon":
 
 def model(model_cfg: DictConfig) -> dict:
     """A world model's settings (under model.), its backbone's included."""
-    rules = MODELS.get(model_cfg.type, {})
-    if model_cfg.type == "lewm":
-        rules = rules | prefixed("encoder.backbone", BACKBONES.get(model_cfg.encoder.backbone.name, {}))
-    elif model_cfg.type == "dinowm":
-        rules = rules | prefixed("encoder.backbone", BACKBONES["vit"])
-    return prefixed("model", rules)
+    backbone = BACKBONES.get(OmegaConf.select(model_cfg, "encoder.backbone.name"), {})
+    return prefixed("model", MODELS.get(model_cfg.type, {}) | prefixed("encoder.backbone", backbone))
 
 
 def planner(planner_cfg: DictConfig) -> dict:
@@ -84,8 +80,8 @@ def evaluate(cfg: DictConfig) -> dict:
     rules = {"seed": SEED, **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
     if cfg.get("env") is not None:
         rules |= prefixed("env", ENV)
-    if cfg.get("model") is not None and cfg.model.type == "oracle":
-        rules |= {"model.frameskip": COUNT, "model.val_fraction": (float, 0, 0.99), "model.split_seed": SEED}
+    if cfg.get("model") is not None:  # model=oracle
+        rules |= {"model.frameskip": nullable(COUNT)}
     return rules
 
 

@@ -49,7 +49,7 @@ TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale
 def written_with_these_files(dataset):
     """Give a dataset folder whose tensors a test changed the content fingerprint of its files, as if
     its writer had written them so (a bad writer, not a damaged disk)."""
-    from leworld.data import content_fingerprint
+    from leworld.dataset.format import content_fingerprint
 
     meta = json.loads((dataset / "meta.json").read_text())
     (dataset / "meta.json").write_text(json.dumps(meta | {"content": content_fingerprint(dataset / "tensors")}))
@@ -69,7 +69,7 @@ def child_pids(pid: int) -> list[int]:
 
 def codec(action_dim=2, frameskip=2, mean=0.0, std=1.0):
     """An action codec for models built in tests: raw actions in [-1, 1]."""
-    from leworld.data import ActionCodec
+    from leworld.codec import ActionCodec
 
     return ActionCodec((mean,) * action_dim, (std,) * action_dim, (-1.0,) * action_dim, (1.0,) * action_dim, frameskip)
 

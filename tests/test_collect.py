@@ -19,7 +19,8 @@ from tensordict import TensorDict
 import envs
 from leworld import LeworldError, collect as collect_module
 from leworld.collect import collect, unfinished_collection
-from leworld.data import ActionCodec, ClipSampler, EpisodeDataset, dataset_problems
+from leworld.codec import ActionCodec
+from leworld.dataset import ClipSampler, EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
 from conftest import child_pids, written_with_these_files
 

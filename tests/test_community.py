@@ -22,7 +22,7 @@ import envs
 from envs import EnvError
 from leworld import LeworldError
 from leworld.collect import record_episode
-from leworld.data import EpisodeDataset, dataset_problems
+from leworld.dataset import EpisodeDataset, dataset_problems
 from leworld.models import load_world_model
 from leworld.runtime import load_config
 
@@ -202,7 +202,7 @@ def test_a_file_stable_worldmodel_wrote_imports_exactly_and_trains(swm_file, tmp
 
 
 def test_an_interrupted_import_resumes(swm_file, tmp_path, monkeypatch):
-    from leworld import hdf5
+    from leworld.dataset import hdf5
 
     source, _ = write_swm_file(tmp_path / "long.h5", gym_pusht_episodes(70, 3, image_size=16, seed=1)), None
     whole = tmp_path / "whole"
@@ -271,7 +271,7 @@ def test_a_broken_file_is_one_line_and_leaves_nothing(swm_file, tmp_path, how, m
 
 def test_export_reads_with_stable_worldmodels_reader_and_imports_back(swm_file, tmp_path):
     source, episodes = swm_file
-    from leworld import hdf5
+    from leworld.dataset import hdf5
 
     original = tmp_path / "original"
     hdf5.import_hdf5(import_cfg(source, original))
@@ -307,7 +307,7 @@ def test_an_import_can_resize_the_frames(swm_file, tmp_path):
     """LeWM's 224-px PushT set is ~350 GB as raw frames; resize= imports it at a CPU recipe's size."""
     from PIL import Image
 
-    from leworld import hdf5
+    from leworld.dataset import hdf5
 
     source, episodes = swm_file
     out = tmp_path / "small"

@@ -12,7 +12,7 @@ from tensordict import TensorDict
 
 from leworld import LeworldError
 from leworld.collect import collect
-from leworld.data import EpisodeDataset, dataset_problems
+from leworld.dataset import EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
 from conftest import written_with_these_files
 

@@ -11,8 +11,8 @@ from conftest import TINY_RUN, codec, run
 from safetensors.torch import save_file
 
 from leworld import LeworldError
-from leworld.data import EpisodeDataset
-from leworld.augment import normalize, to_float
+from leworld.dataset import EpisodeDataset
+from leworld.nn.preprocess import normalize, to_float
 from leworld.models import DinoWorldModel, load_world_model
 from leworld.models.dinowm import read_vit_weights
 from leworld.pretrain import load_encoder

@@ -10,11 +10,12 @@ from conftest import run, train_probe_and_plan
 from omegaconf import OmegaConf
 
 import envs
-from leworld.data import ActionCodec, EpisodeDataset
-from leworld.eval import LatentObjective, evaluate, run_eval, sample_tasks
+from leworld.codec import ActionCodec
+from leworld.dataset import EpisodeDataset
+from leworld.eval import run_eval
+from leworld.planning import Goals, LatentObjective, SimulatorObjective, run_protocol, sample_tasks
 from leworld.runtime import run_main
 from leworld.models import load_world_model, open_dataset
-from leworld.models.lewm import LeWorldModel
 
 SMALL = ["planner.samples=32", "planner.elites=4", "planner.iterations=2", "protocol.episodes=5", "protocol.batch=3",
          "protocol.goal_offset=10", "protocol.budget=12", "protocol.horizon=3", "protocol.receding_horizon=2"]
@@ -86,21 +87,26 @@ def test_plans_are_searched_in_the_models_own_action_space(trained, tmp_path):
     rows = sample_tasks(dataset, np.asarray(model.data.held_out), 4, 10, seed=1)
     planner = OmegaConf.create({"name": "cem", "samples": 16, "elites": 4, "iterations": 2, "std": 1.0})
     protocol = OmegaConf.create({"batch": 4, "goal_offset": 10, "budget": 8, "horizon": 2, "receding_horizon": None})
-    here, _, _ = evaluate(model, dataset, rows, planner, protocol, 0, torch.device("cpu"))
-    there, _, _ = evaluate(model, other_dataset, rows, planner, protocol, 0, torch.device("cpu"))
+    here, _, _ = run_protocol(model, dataset, rows, planner, protocol, 0, torch.device("cpu"))
+    there, _, _ = run_protocol(model, other_dataset, rows, planner, protocol, 0, torch.device("cpu"))
     assert [r["final_state"] for r in here] == [r["final_state"] for r in there]
     done = run("eval", f"ckpt={trained[0]}", f"data_path={other}", *SMALL, f"out_dir={tmp_path / 'x'}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "another dataset than the model's" in done.stdout
 
 
+def goals(pixels: np.ndarray) -> Goals:
+    """Goals of goal frames alone, for models that see pixels only."""
+    return Goals(pixels, np.zeros((len(pixels), 1)), None, None)
+
+
 def test_latent_objective_encodes_context_and_goal_once_per_solve(trained):
-    model = LeWorldModel.from_checkpoint(trained[0])
+    model = load_world_model(trained[0])
     dataset = open_dataset(model)
     calls = []
     model.backbone.register_forward_hook(lambda *_: calls.append(1))
     pixels = dataset.tensors["pixels"][:8].numpy()
-    objective = LatentObjective(model, pixels[:2], torch.device("cpu"))
+    objective = LatentObjective(model, goals(pixels[:2]), torch.device("cpu"))
     chunks = torch.zeros(2, 2, 4)
     cost = objective.cost_fn({"pixels": np.stack([pixels[:3], pixels[3:6]])}, chunks, np.array([0, 1]))
     for _ in range(5):
@@ -114,11 +120,11 @@ def test_latent_objective_encodes_context_and_goal_once_per_solve(trained):
 
 
 def test_a_compiled_planning_cost_gives_the_eager_costs(trained):
-    model = LeWorldModel.from_checkpoint(trained[0]).eval().requires_grad_(False)
+    model = load_world_model(trained[0]).eval().requires_grad_(False)
     pixels = open_dataset(model).tensors["pixels"][:8].numpy()
     observed, chunks, index = {"pixels": np.stack([pixels[:3], pixels[3:6]])}, torch.zeros(2, 2, 4), np.array([0, 1])
-    eager = LatentObjective(model, pixels[:2], torch.device("cpu")).cost_fn(observed, chunks, index)
-    compiled = LatentObjective(model, pixels[:2], torch.device("cpu"), compile=True).cost_fn(observed, chunks, index)
+    eager = LatentObjective(model, goals(pixels[:2]), torch.device("cpu")).cost_fn(observed, chunks, index)
+    compiled = LatentObjective(model, goals(pixels[:2]), torch.device("cpu"), compile=True).cost_fn(observed, chunks, index)
     plans = torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(compiled(plans), eager(plans), rtol=1e-4, atol=1e-5)
 
@@ -190,14 +196,15 @@ def test_the_oracle_plans_with_the_simulator(trained, data_path, tmp_path):
 
 
 def test_the_simulator_objective_scores_the_state_a_plan_reaches(data_path):
-    from leworld.data import ActionCodec
-    from leworld.eval import SimulatorObjective
+    from leworld.codec import ActionCodec
     from leworld.models import EnvSpec
+    from leworld.planning import Oracle
 
     dataset = EpisodeDataset.open(data_path)
     codec = ActionCodec((0.1, 0.0), (0.5, 0.5), (-1.0, -1.0), (1.0, 1.0), 2)
     goals = dataset.tensors["state"][[30, 31]].double().numpy()
-    objective = SimulatorObjective(EnvSpec("tworoom", {"image_size": 32}), goals, codec)
+    oracle = Oracle(codec, EnvSpec("tworoom", {"image_size": 32}), None)
+    objective = SimulatorObjective(oracle, Goals(None, goals, None, None))
     starts = dataset.tensors["state"][[0, 1]].double().numpy()
     cost = objective.cost_fn({"state": starts[:, None]}, None, np.array([0, 1]))
     plans = torch.randn(2, 3, 2, 4)

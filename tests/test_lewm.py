@@ -128,10 +128,10 @@ def test_frozen_encoder_stays_frozen():
     assert all(p.requires_grad for p in model.projector.parameters())
 
 
-def test_from_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
+def test_loading_a_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     from leworld.checkpoint import save_checkpoint
 
-    from leworld.models import DataRecord, EnvSpec, record
+    from leworld.models import DataRecord, EnvSpec, load_world_model, record
 
     model.env, model.data = EnvSpec("pusht", {"image_size": 32}), DataRecord("data", 10, "abc", (1, 2))
     save_checkpoint(tmp_path / "checkpoint.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -143,10 +143,10 @@ def test_from_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    loaded = LeWorldModel.from_checkpoint(tmp_path)
+    loaded = load_world_model(tmp_path)
     pixels = torch.randint(0, 255, (2, 1, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(loaded.encode(pixels), model.encode(pixels))
     assert loaded.codec == model.codec and loaded.env == model.env and loaded.data == model.data
     save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {}, kind="pretrain")
     with pytest.raises(LeworldError, match="not a world model"):
-        LeWorldModel.from_checkpoint(tmp_path / "other.safetensors")
+        load_world_model(tmp_path / "other.safetensors")

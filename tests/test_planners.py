@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import envs
-from leworld.data import ActionCodec
+from leworld.codec import ActionCodec
 from envs import tworoom
 from planners import CEM, MPPI, PLANNERS, Bounds, GradientPlanner, RandomActions
 from planners.mpc import run_mpc, shift

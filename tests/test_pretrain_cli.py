@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leworld.augment import normalize, to_float
+from leworld.nn.preprocess import normalize, to_float
 from leworld.checkpoint import load_checkpoint
 from leworld.pretrain import LeJEPA, load_encoder, pretrain
 from leworld import LeworldError

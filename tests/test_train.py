@@ -20,11 +20,12 @@ import yaml
 
 from leworld.checkpoint import load_checkpoint, save_checkpoint, select
 from leworld.collect import collect
-from leworld.data import ClipSampler
+from leworld.dataset import ClipSampler
 from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
 from leworld.runtime import CONFIG_DIR, load_config, run_main
-from leworld.train import held_out_batches, recalibrate_batchnorm, train, validate
+from leworld.train import train
+from leworld.training.loop import held_out_batches, recalibrate_batchnorm, validate
 from conftest import TINY_RUN, child_pids, run
 
 
@@ -84,7 +85,7 @@ def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
 
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):
     run_dir, _ = trained
-    model = LeWorldModel.from_checkpoint(run_dir)
+    model = load_world_model(run_dir)
     assert model.history == 3 and model.frameskip == 2 and not model.training
     dataset = open_dataset(model)
     assert model.env.name == "tworoom" and model.env.image_size == 32
@@ -448,7 +449,7 @@ def test_upgrading_a_checkpoint_of_an_older_leworld(trained, tmp_path):
 
 
 def test_batchnorm_statistics_are_recalibrated_to_the_current_weights(trained):
-    model = LeWorldModel.from_checkpoint(trained[0])
+    model = load_world_model(trained[0])
     dataset = open_dataset(model)
     clips = ClipSampler(dataset, np.arange(dataset.num_episodes), 4, model.codec)
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):

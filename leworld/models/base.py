@@ -13,12 +13,19 @@ and inherits `rollout` and `plan_cost`, written once here over `predict` and `di
 the shape of one frame's latent: (D,) for LeWorldModel, (P, E) patch tokens for DINO-WM. Shapes:
 B batch, T time, S samples, H horizon in action chunks, fs·A the width of one chunk.
 
-A model also carries what it was trained for, so that eval, probe and bench need nothing else:
-`codec` (the ActionCodec of its action space, from its constructor) and, once trained or loaded,
-`env` (name and constructor arguments) and `data` (the dataset, its fingerprint and the held-out
-episodes). The checkpoint stores all three (leworld/models/__init__.py loads them).
+A model also says how it is built and trained, so that no verb branches on which model it is:
+`configure` (its config, filled in from files only a run can read), `build` (an untrained model
+for a dataset, with whatever pretrained weights it starts from) and `frozen_modules` (what
+training leaves alone). A subclass names itself with `kind`, the `model.type` of its configs, and
+is found by that name (WORLD_MODELS); a model outside leworld is named `package.module:Class`.
+
+It carries what it was trained for, so that eval, probe and bench need nothing else: `codec` (the
+ActionCodec of its action space, from its constructor) and, once trained or loaded, `env` (name
+and constructor arguments) and `data` (the dataset, its fingerprint and the held-out episodes).
+The checkpoint stores all three (leworld/models/saved.py).
 """
 
+import importlib
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 
@@ -28,7 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from leworld import LeworldError
-from leworld.data import ActionCodec
+from leworld.codec import ActionCodec
+
+WORLD_MODELS: dict[str, type["WorldModel"]] = {}  # kind -> class, filled as subclasses are defined
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,20 @@ class DataRecord:
     fingerprint: str  # EpisodeDataset.fingerprint(): another collection at the same path differs
     held_out: tuple[int, ...]  # episode indices kept for validation, probes and planning tasks
 
+    @classmethod
+    def of(cls, dataset, held_out) -> "DataRecord":
+        """The record of an opened dataset (leworld.dataset.EpisodeDataset) and its held-out episodes."""
+        return cls(str(dataset.path), dataset.meta["num_frames"], dataset.fingerprint(), tuple(int(e) for e in held_out))
+
 
 class WorldModel(nn.Module, metaclass=ABCMeta):
+    kind: str | None = None  # model.type of its configs
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind is not None:
+            WORLD_MODELS[cls.kind] = cls
+
     def __init__(self, cfg: DictConfig | dict, codec: ActionCodec):
         """cfg: a model config (configs/model/*.yaml); codec: the action space it sees."""
         super().__init__()
@@ -67,6 +88,26 @@ class WorldModel(nn.Module, metaclass=ABCMeta):
     @property
     def frameskip(self) -> int:
         return self.codec.frameskip
+
+    # ---- how the model is built and trained (the defaults suit a model built from its config alone)
+
+    @classmethod
+    def configure(cls, cfg: DictConfig, dataset) -> DictConfig:
+        """The model config a run trains with and its checkpoint rebuilds the model from: cfg.model
+        (cfg: the run's config) with what only files can say filled in; refuses a dataset the model
+        cannot train on (LeworldError)."""
+        return cfg.model
+
+    @classmethod
+    def build(cls, model_cfg: DictConfig, codec: ActionCodec, dataset) -> "WorldModel":
+        """An untrained model to train on `dataset` (an EpisodeDataset), with the pretrained weights
+        it starts from loaded."""
+        return cls(model_cfg, codec)
+
+    def frozen_modules(self) -> set[nn.Module]:
+        """Modules training leaves alone (their parameters do not train, their BatchNorm statistics
+        are not recalibrated)."""
+        return set()
 
     @abstractmethod
     def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:
@@ -113,3 +154,21 @@ class WorldModel(nn.Module, metaclass=ABCMeta):
             context_chunks = repeat(context_chunks, "b t a -> (b s) t a", s=s)
         final = self.rollout(context, rearrange(plans, "b s h a -> (b s) h a"), context_chunks)[:, -1]
         return rearrange(self.distance(final, repeat(goal, "b ... -> (b s) ...", s=s)), "(b s) -> b s", b=b)
+
+
+def model_class(kind: str) -> type[WorldModel]:
+    """The world model of a `model.type`: a leworld model's name (WORLD_MODELS), or
+    `package.module:Class` for one defined outside leworld (its module is imported)."""
+    if ":" in kind:
+        module, _, name = kind.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise LeworldError(f"model.type={kind}: {err}; name an importable package.module:Class") from None
+        if not (isinstance(found, type) and issubclass(found, WorldModel)):
+            raise LeworldError(f"model.type={kind} is not a leworld.models.WorldModel")
+        return found
+    if kind not in WORLD_MODELS:
+        raise LeworldError(f"model.type={kind} is not a world model leworld knows ({', '.join(WORLD_MODELS)}, or "
+                           "package.module:Class for your own)")
+    return WORLD_MODELS[kind]

@@ -12,28 +12,24 @@ also carries the frame's normalised proprioceptive vector (Q values): the predic
 predicts the next one, and loss and planning cost add its error weighted by model.proprio.weight.
 
 The encoder's weights come from a DINOv2-format file (.pth or .safetensors with DINOv2's key names)
-or from a leworld image-pretraining checkpoint with a ViT backbone: nothing is downloaded. It has
+or from a leworld image-pretraining checkpoint with a ViT backbone (models/dinov2.py): nothing is
+downloaded. It has
 the world-model interface of LeWorldModel (encode, predict, rollout, plan_cost, loss), so the same
 training loop, planners, MPC loop and evaluation run it. Shapes: B batch, T time, P patches, E
 feature width, S samples, H horizon in action chunks.
 """
 
-import math
-import pickle
-from pathlib import Path
-
 import torch
 from einops import rearrange, repeat
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from leworld import LeworldError
-from leworld.augment import normalize, resize, to_float
-from leworld.checkpoint import FILENAME, load_checkpoint, load_weights, select
-from leworld.data import ActionCodec
+from leworld.checkpoint import load_weights
+from leworld.codec import ActionCodec
 from leworld.models.base import WorldModel
+from leworld.models.dinov2 import read_vit_weights
+from leworld.nn.preprocess import normalize, resize, to_float
 from leworld.nn.vit import Block, ViT
 
 
@@ -67,10 +63,12 @@ class FramePredictor(nn.Module):
 
 
 class DinoWorldModel(WorldModel):
+    kind = "dinowm"
+
     def __init__(self, cfg: DictConfig | dict, codec: ActionCodec):
         """cfg: a model config (configs/model/dinowm.yaml) whose encoder architecture and proprio
-        size are filled in (dinowm_config); codec: the action space it sees. The encoder starts
-        random: build_dinowm (training) or a checkpoint fills it."""
+        size are filled in (configure); codec: the action space it sees. The encoder starts
+        random: build (training) or a checkpoint fills it."""
         super().__init__(cfg, codec)
         cfg = self.cfg
         self.image_size = cfg.image_size
@@ -80,7 +78,7 @@ class DinoWorldModel(WorldModel):
         if cfg.image_size % patch:
             raise LeworldError(f"model.image_size {cfg.image_size} is not a multiple of the encoder's patch size {patch}")
         self.num_patches, self.token_dim = (cfg.image_size // patch) ** 2, self.encoder.feature_dim
-        # Q: proprioceptive values per frame, written into the config from the dataset by build_dinowm
+        # Q: proprioceptive values per frame, written into the config from the dataset by configure
         use_proprio = OmegaConf.select(cfg, "proprio.use", default=False)
         self.proprio_dim = int(cfg.proprio.dim) if use_proprio else 0
         self.proprio_weight = cfg.proprio.weight if use_proprio else 0.0
@@ -91,6 +89,37 @@ class DinoWorldModel(WorldModel):
         self.action_encoder = nn.Linear(codec.block_dim, p.action_embed)
         self.predictor = FramePredictor(self.num_patches, self.token_dim + self.proprio_dim, p.action_embed, p.depth,
                                         p.heads, p.head_dim, p.mlp_hidden, cfg.history)
+
+    @classmethod
+    def configure(cls, cfg: DictConfig, dataset) -> DictConfig:
+        """The encoder's architecture read from its weights file and the proprioception's size from
+        the data, so that the checkpoint rebuilds the model."""
+        weights = cfg.model.encoder.weights
+        if weights is None:
+            raise LeworldError("model=dinowm needs model.encoder.weights=<a DINOv2 .pth/.safetensors file or a "
+                               "leworld image-pretraining run with a ViT>; nothing is downloaded")
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
+        _, model_cfg.encoder.backbone = read_vit_weights(weights, cfg.model.encoder.heads)
+        if cfg.model.proprio.use:
+            if "proprio" not in dataset.tensors.keys():
+                raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
+            model_cfg.proprio.dim = dataset.meta["proprio_dim"]
+        return model_cfg
+
+    @classmethod
+    def build(cls, model_cfg: DictConfig, codec: ActionCodec, dataset) -> "DinoWorldModel":
+        """The frozen encoder's weights loaded, the proprioception statistics taken from the data."""
+        model = cls(model_cfg, codec)
+        weights = model_cfg.encoder.weights
+        load_weights(model.encoder, read_vit_weights(weights, model_cfg.encoder.heads)[0], weights)
+        if model.proprio_dim:
+            proprio = dataset.tensors["proprio"][:].float()  # (N, Q)
+            model.proprio_mean.copy_(proprio.mean(0))
+            model.proprio_std.copy_(proprio.std(0).clamp_min(1e-6))
+        return model
+
+    def frozen_modules(self) -> set[nn.Module]:
+        return set(self.encoder.modules())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -134,87 +163,3 @@ class DinoWorldModel(WorldModel):
         predicted = self.predict(tokens[:, :-1], batch["actions"][:, :-1])
         pred = self.distance(predicted, tokens[:, 1:]).mean()
         return {"loss": pred, "pred": pred}
-
-
-def read_vit_weights(path: str | Path, heads: int | None = None) -> tuple[dict[str, Tensor], dict]:
-    """A ViT state dict in leworld's names, and the ViT arguments it was made with, from a
-    DINOv2-format .pth / .safetensors file (facebookresearch/dinov2's keys: patch_embed.proj.*,
-    blocks.i.ls1.gamma, register_tokens, ...) or a leworld image-pretraining run with a ViT.
-    Reads tensors only: .pth files are loaded with weights_only."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        raise LeworldError(f"encoder weights {path} do not exist; pass a DINOv2 .pth/.safetensors file or a leworld "
-                           "pretraining run (nothing is downloaded)")
-    try:
-        if path.suffix == ".safetensors" and leworld_checkpoint(path):
-            ckpt = load_checkpoint(path)
-            if ckpt.info.get("kind") != "pretrain" or ckpt.config["backbone"]["name"] != "vit":
-                raise LeworldError(f"{path} is a leworld checkpoint but not an image-pretraining one with a ViT backbone")
-            return select(ckpt.tensors, "backbone"), ckpt.config["backbone"]
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise LeworldError(f"{path} is not a readable weights file ({type(err).__name__}: {str(err)[:100]}); it may "
-                           "be truncated or corrupt") from None
-    for wrapper in ("teacher", "model", "state_dict"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
-    if not isinstance(state, dict) or not all(k in state for k in required):
-        raise LeworldError(f"{path} holds no ViT weights in DINOv2's format (it needs {', '.join(required)})")
-    state = {k.replace("patch_embed.proj.", "patch_embed."): v for k, v in state.items()
-             if k != "mask_token"}  # DINOv2's masked-image-modelling token is unused here
-    return state, vit_config(state, heads)
-
-
-def leworld_checkpoint(path: Path) -> bool:
-    with open(path, "rb") as f:  # the safetensors JSON header holds leworld's metadata
-        header = f.read(8 + min(int.from_bytes(f.read(8), "little"), 1 << 24))
-    return b'"format":"leworld"' in header.replace(b" ", b"")
-
-
-def vit_config(state: dict[str, Tensor], heads: int | None = None) -> dict:
-    """The ViT arguments of a DINOv2 state dict (leworld names). Heads are not in the tensors:
-    DINOv2 uses 64 channels per head, the default when `heads` is None."""
-    dim = state["cls_token"].shape[-1]
-    patch = state["patch_embed.weight"].shape[-1]
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    config = {"name": "vit", "image_size": grid * patch, "patch_size": patch, "dim": dim, "depth": depth,
-              "heads": heads or max(1, dim // 64), "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / dim}
-    if "blocks.0.ls1.gamma" in state:
-        config["layer_scale"] = 1.0  # switches layer scale on; the loaded values replace it
-    if "register_tokens" in state:
-        config["registers"] = state["register_tokens"].shape[1]
-    return config
-
-
-def dinowm_config(cfg: DictConfig, dataset) -> DictConfig:
-    """The model config a DINO-WM trains with: the encoder's architecture read from its weights
-    file and the proprioception's size from the data, so that its checkpoint rebuilds it."""
-    weights = cfg.model.encoder.weights
-    if weights is None:
-        raise LeworldError("model=dinowm needs model.encoder.weights=<a DINOv2 .pth/.safetensors file or a leworld "
-                           "image-pretraining run with a ViT>; nothing is downloaded")
-    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
-    _, model_cfg.encoder.backbone = read_vit_weights(weights, cfg.model.encoder.heads)
-    if cfg.model.proprio.use:
-        if "proprio" not in dataset.tensors.keys():
-            raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
-        model_cfg.proprio.dim = dataset.meta["proprio_dim"]
-    return model_cfg
-
-
-def build_dinowm(model_cfg: DictConfig, codec: ActionCodec, dataset) -> DinoWorldModel:
-    """A DINO-WM to train on `dataset` (model_cfg from dinowm_config): the frozen encoder's weights
-    loaded and the proprioception statistics taken from the data."""
-    model = DinoWorldModel(model_cfg, codec)
-    weights = model_cfg.encoder.weights
-    state, _ = read_vit_weights(weights, model_cfg.encoder.heads)
-    load_weights(model.encoder, state, weights)
-    if model.proprio_dim:
-        proprio = dataset.tensors["proprio"][:].float()  # (N, Q)
-        model.proprio_mean.copy_(proprio.mean(0))
-        model.proprio_std.copy_(proprio.std(0).clamp_min(1e-6))
-    return model

@@ -8,26 +8,29 @@ Teacher forcing, no stop-gradient, no EMA target: SIGReg alone keeps the latents
 With `predictor.rollout_steps` = k > 1 the prediction term also averages k − 1 passes in which
 the predictor reads its own earlier predictions after the first frame (as it does when planning),
 without gradient through those inputs (JEPA-WMs' multi-step rollout loss); still one MSE term.
-Each action a_t is the chunk of `frameskip` raw actions (normalised, leworld.data.ActionCodec) that
+Each action a_t is the chunk of `frameskip` raw actions (normalised, leworld.codec.ActionCodec) that
 moves frame t to frame t+1. Rollouts and plan costs come from WorldModel (models/base.py). Shapes:
 B batch, T time, D latent width.
 """
 
 import torch
 from einops import rearrange
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from leworld import LeworldError
-from leworld.augment import normalize, resize, to_float
-from leworld.data import ActionCodec
+from leworld.checkpoint import load_checkpoint, load_weights, select
+from leworld.codec import ActionCodec
 from leworld.models.base import WorldModel
+from leworld.nn.preprocess import normalize, resize, to_float
 from leworld.nn import Projector, build_backbone
 from leworld.nn.predictor import Predictor
 from leworld.sigreg import SIGReg
 
 
 class LeWorldModel(WorldModel):
+    kind = "lewm"
+
     def __init__(self, cfg: DictConfig | dict, codec: ActionCodec):
         """cfg: a model config (configs/model/*.yaml); codec: the action space it sees."""
         super().__init__(cfg, codec)
@@ -47,6 +50,38 @@ class LeWorldModel(WorldModel):
         if self.frozen_backbone:
             self.backbone.requires_grad_(False)
         self.train()  # modules start in training mode; this puts a frozen backbone in eval mode from the start
+
+    @classmethod
+    def configure(cls, cfg: DictConfig, dataset) -> DictConfig:
+        """cfg.model, with the backbone of the image-pretraining run that model.encoder.init names.
+        Frames are never upscaled: no detail is gained, and the encoder's cost grows."""
+        found = dataset.meta["image_shape"][0]
+        if cfg.model.image_size > found:
+            raise LeworldError(f"model.image_size={cfg.model.image_size} but data.path={dataset.path} holds {found}-px "
+                               "frames, which the encoder would upscale (no detail is gained); drop model.image_size "
+                               f"(it follows the frames) or train on {cfg.model.image_size}-px frames "
+                               f"(env.kwargs.image_size={cfg.model.image_size} with a new data.path)")
+        if cfg.model.encoder.init is None:
+            return cfg.model
+        ckpt = load_checkpoint(cfg.model.encoder.init)
+        if ckpt.info.get("kind") != "pretrain":
+            raise LeworldError(f"model.encoder.init={cfg.model.encoder.init} is a {ckpt.info.get('kind')} checkpoint, "
+                               "not an image pretraining one")
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
+        model_cfg.encoder.backbone = ckpt.config["backbone"]
+        return model_cfg
+
+    @classmethod
+    def build(cls, model_cfg: DictConfig, codec: ActionCodec, dataset) -> "LeWorldModel":
+        """With model.encoder.init, the backbone starts from that pretraining run's weights."""
+        model = cls(model_cfg, codec)
+        if model_cfg.encoder.init is not None:
+            load_weights(model.backbone, select(load_checkpoint(model_cfg.encoder.init).tensors, "backbone"),
+                         model_cfg.encoder.init)
+        return model
+
+    def frozen_modules(self) -> set[nn.Module]:
+        return set(self.backbone.modules()) if self.frozen_backbone else set()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -81,14 +116,3 @@ class LeWorldModel(WorldModel):
         pred = torch.stack(errors).mean()
         sigreg = self.sigreg(rearrange(latents, "b t d -> t b d"))  # over the batch, per time step
         return {"loss": pred + self.sigreg_weight * sigreg, "pred": pred, "sigreg": sigreg}
-
-    @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "LeWorldModel":
-        """A trained LeWorldModel in eval mode (leworld.models.load_world_model takes any world model)."""
-        from leworld.models import load_world_model  # the registry imports this module
-
-        model = load_world_model(path, device)
-        if not isinstance(model, cls):
-            raise LeworldError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
-

@@ -23,28 +23,25 @@ the file imports back without env=.
 """
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tensordict import TensorDict
 from tqdm import tqdm
 
 import envs
 from leworld import LeworldError, settings
-from leworld.collect import column_statistics, env_kwargs
-from leworld.data import FORMAT, VERSION, EpisodeDataset, content_fingerprint, content_problems
-from leworld.folders import (check_free_space, entries, lock_folder, move_without_overwriting, unique_partial,
-                             write_atomically)
+from leworld.dataset.episodes import EpisodeDataset
+from leworld.dataset.format import IMPORTING, column_statistics, content_problems
+from leworld.dataset.writer import PARTIAL, DatasetWriter
+from leworld.folders import check_free_space, entries, lock_folder, move_without_overwriting, unique_partial, write_atomically
 from leworld.runtime import check_values, load_config
 
-IMPORT_MARKER = "import.json"  # read_meta (data.py) knows this name too
 ENV_ATTRIBUTE, KWARGS_ATTRIBUTE = "leworld_env", "leworld_env_kwargs"
 
 
@@ -159,7 +156,7 @@ def import_hdf5(cfg: DictConfig, env_given: bool = True) -> Path:
             raise LeworldError(f"{source} does not say which environment it was recorded in; pass env=<"
                                f"{'|'.join(envs.ENVS)}> (stable-worldmodel's PushT is env=gym_pusht)")
         cfg.env = load_config("collect", [f"env={name}"]).env
-    if root.exists() and not (root / IMPORT_MARKER).is_file() and (not root.is_dir() or entries(root)):
+    if root.exists() and not (root / IMPORTING).is_file() and (not root.is_dir() or entries(root)):
         raise LeworldError(f"{root} is not empty and holds no import of leworld's; choose another out=")
     check_values(cfg, {"resize": settings.COLLECT["resize"]})
     with open_file(h5py, source) as file, lock_folder(root, "wait for it to end, or choose another out="):
@@ -175,7 +172,7 @@ def _import_into(root: Path, file, source: Path, cfg: DictConfig) -> Path:
     except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged objects inside a file that opens
         raise LeworldError(f"{source} is damaged ({err}); download or export it again") from None
     recorded = json.loads(file.attrs.get(KWARGS_ATTRIBUTE, "{}")) if file.attrs.get(ENV_ATTRIBUTE) == cfg.env.name else {}
-    kwargs = {**env_kwargs(cfg.env), **recorded, "image_size": layout.size}
+    kwargs = {**OmegaConf.to_container(cfg.env.kwargs, resolve=True), **recorded, "image_size": layout.size}
     env = envs.make(cfg.env.name, **kwargs)
     if layout.state_dim != env.state_dim or layout.action_dim != env.action_space.shape[0]:
         raise LeworldError(f"{source} has states of {layout.state_dim} and actions of {layout.action_dim} numbers, "
@@ -186,17 +183,17 @@ def _import_into(root: Path, file, source: Path, cfg: DictConfig) -> Path:
                 "env": cfg.env.name, "env_kwargs": kwargs, "keys": layout.keys}
     done = _episodes_done(root, settings, cfg.resume)
     try:
-        tensors = _start(root, settings, layout, env) if done is None else TensorDict.load_memmap(root / "tensors.partial")
-        _copy(file, source, layout, env, tensors, done or 0, root, settings)
+        writer = _start(root, settings, layout, env) if done is None else DatasetWriter.reopen(root)
+        _copy(file, source, layout, env, writer, done or 0, settings)
         print("checking the dataset against the file")
-        _compare(file, source, layout, tensors)
+        _compare(file, source, layout, writer.tensors)
     except (LeworldError, OSError) as err:  # a bad file or a full disk: leave nothing half written
-        shutil.rmtree(root / "tensors.partial", ignore_errors=True)
-        (root / IMPORT_MARKER).unlink(missing_ok=True)  # the folder itself goes with the lock, if this import made it
+        shutil.rmtree(root / PARTIAL, ignore_errors=True)
+        (root / IMPORTING).unlink(missing_ok=True)  # the folder itself goes with the lock, if this import made it
         if isinstance(err, LeworldError):
             raise
         raise LeworldError(f"reading {source} or writing {root} failed ({err}); nothing was kept") from None
-    _finish(root, tensors, layout, env, settings)
+    _finish(writer, layout, settings)
     print(f"imported {source} into {root}: {len(layout.lengths)} episodes, {layout.num_frames} frames of "
           f"{'x'.join(map(str, layout.image_shape))} (env={cfg.env.name})")
     return root
@@ -205,7 +202,7 @@ def _import_into(root: Path, file, source: Path, cfg: DictConfig) -> Path:
 def _episodes_done(root: Path, settings: dict, resume: bool) -> int | None:
     """How many episodes an unfinished import at root holds (None: there is none). Refuses one of
     another file or other settings, and one not asked to resume."""
-    marker = root / IMPORT_MARKER
+    marker = root / IMPORTING
     if not marker.is_file():
         return None
     if not resume:
@@ -227,37 +224,29 @@ def proprio_dim(env) -> int:
     return 0 if proprio is None else len(proprio)
 
 
-def _start(root: Path, settings: dict, layout: Layout, env) -> TensorDict:
-    """Empty tensors.partial/ for the whole dataset, and the marker that makes the folder an import."""
-    n = layout.num_frames
-    tensors = {"pixels": torch.zeros((), dtype=torch.uint8).expand(n, *layout.image_shape),
-               "action": torch.zeros(()).expand(n, layout.action_dim), "state": torch.zeros(()).expand(n, layout.state_dim),
-               "episode": torch.zeros((), dtype=torch.int64).expand(n), "step": torch.zeros((), dtype=torch.int64).expand(n)}
+def _start(root: Path, settings: dict, layout: Layout, env) -> DatasetWriter:
+    """A writer for the whole dataset, and the marker that makes the folder an import."""
+    shapes = {"pixels": layout.image_shape, "action": (layout.action_dim,), "state": (layout.state_dim,)}
     if proprio_dim(env):
-        tensors["proprio"] = torch.zeros(()).expand(n, proprio_dim(env))
-    check_free_space(root, sum(t.numel() * t.element_size() for t in tensors.values()), "free space or choose another out=")
+        shapes["proprio"] = (proprio_dim(env),)
+    writer = DatasetWriter.start(root, layout.num_frames, shapes, "free space or choose another out=")
     _mark(root, settings, 0)
-    return TensorDict(tensors, batch_size=[n]).memmap_like(root / "tensors.partial")
+    return writer
 
 
 def _mark(root: Path, settings: dict, episodes_done: int) -> None:
-    write_atomically(root / IMPORT_MARKER, json.dumps({**settings, "episodes_done": episodes_done}, indent=1).encode())
+    write_atomically(root / IMPORTING, json.dumps({**settings, "episodes_done": episodes_done}, indent=1).encode())
 
 
-def _copy(file, source: Path, layout: Layout, env, tensors: TensorDict, done: int, root: Path, settings: dict) -> None:
+def _copy(file, source: Path, layout: Layout, env, writer: DatasetWriter, done: int, settings: dict) -> None:
     for index in tqdm(range(done, len(layout.lengths)), desc="importing episodes", initial=done,
                       total=len(layout.lengths), dynamic_ncols=True):
-        episode, rows = read_episode(file, layout, index, source), layout.rows(index)
-        tensors["pixels"][rows] = torch.from_numpy(episode["pixels"])
-        tensors["action"][rows] = torch.from_numpy(episode["action"]).float()
-        tensors["state"][rows] = torch.from_numpy(episode["state"]).float()
-        if "proprio" in tensors.keys():
-            proprio = np.stack([env.proprio(s) for s in episode["state"].astype(np.float64)])
-            tensors["proprio"][rows] = torch.from_numpy(proprio).float()
-        tensors["episode"][rows] = index
-        tensors["step"][rows] = torch.arange(rows.stop - rows.start)
+        episode = read_episode(file, layout, index, source)
+        if "proprio" in writer.tensors.keys():
+            episode["proprio"] = np.stack([env.proprio(s) for s in episode["state"].astype(np.float64)])
+        writer.write_episode(index, layout.rows(index).start, episode)
         if index % 64 == 63 or index == len(layout.lengths) - 1:  # a killed process's writes to a memory map stay
-            _mark(root, settings, index + 1)
+            _mark(writer.root, settings, index + 1)
 
 
 def _compare(file, source: Path, layout: Layout, tensors: TensorDict) -> None:
@@ -274,26 +263,17 @@ def _compare(file, source: Path, layout: Layout, tensors: TensorDict) -> None:
         raise LeworldError(f"the imported dataset is inconsistent: {problems[0]}")
 
 
-def _finish(root: Path, tensors: TensorDict, layout: Layout, env, settings: dict) -> None:
+def _finish(writer: DatasetWriter, layout: Layout, settings: dict) -> None:
     """tensors/ and meta.json, the stats over real actions (not the 0 after each last frame)."""
-    last = np.cumsum(layout.lengths) - 1
     acted = np.ones(layout.num_frames, dtype=bool)
-    acted[last] = False
+    acted[np.cumsum(layout.lengths) - 1] = False
     # in float64, as the collector computes them (from its float64 episodes): float32 sums drift over millions of rows
-    actions, states = tensors["action"].numpy()[acted].astype(np.float64), tensors["state"].numpy().astype(np.float64)
-    del tensors
-    content = content_fingerprint(root / "tensors.partial")
-    os.replace(root / "tensors.partial", root / "tensors")
-    meta = {"format": FORMAT, "version": VERSION, "env": {"name": settings["env"], "id": envs.IDS[settings["env"]],
-                                                           "kwargs": settings["env_kwargs"]},
-            "imported": {"source": settings["source"], "bytes": settings["bytes"], "keys": settings["keys"]},
-            "num_frames": layout.num_frames, "num_episodes": len(layout.lengths),
-            "episode_lengths": layout.lengths.tolist(), "image_shape": list(layout.image_shape),
-            "action_dim": layout.action_dim, "state_dim": layout.state_dim,
-            "proprio_dim": proprio_dim(env),
-            "stats": {"action": column_statistics(actions), "state": column_statistics(states)}, "content": content}
-    write_atomically(root / "meta.json", json.dumps(meta, indent=1).encode())
-    (root / IMPORT_MARKER).unlink()
+    actions = writer.tensors["action"].numpy()[acted].astype(np.float64)
+    states = writer.tensors["state"].numpy().astype(np.float64)
+    writer.finish({"env": {"name": settings["env"], "id": envs.IDS[settings["env"]], "kwargs": settings["env_kwargs"]},
+                   "imported": {"source": settings["source"], "bytes": settings["bytes"], "keys": settings["keys"]},
+                   "stats": {"action": column_statistics(actions), "state": column_statistics(states)}})
+    (writer.root / IMPORTING).unlink()
 
 
 def export_hdf5(cfg: DictConfig) -> Path:

@@ -1,8 +1,8 @@
-"""Episode datasets and the clips a world model trains on.
+"""The dataset format, and every check of it.
 
-A dataset folder (written by `python -m leworld.collect`) holds
+A dataset folder (written by leworld.dataset.writer: collection and HDF5 import) holds
 
-    meta.json    env and its config, collection policy and seed, action/state statistics, format,
+    meta.json    env and its config, where the data came from, action/state statistics, format,
                  and the content fingerprint of the tensors (below)
     tensors/     a tensordict memmap, one row per frame:
                    pixels  (N, H, W, 3) uint8    the frame seen at that step
@@ -11,10 +11,8 @@ A dataset folder (written by `python -m leworld.collect`) holds
                    proprio (N, P) float32        proprioception, where the env has one
                    episode (N,) int64, step (N,) int64   episode index and step within it
 
-A clip is T frames taken every `frameskip` steps, t, t+fs, ..., t+(T−1)·fs, and for each kept frame
-the fs raw actions that follow it, concatenated into one action chunk of fs·A numbers and
-normalised (ActionCodec): chunk k is what moves frame k to frame k+1. A clip never
-crosses an episode boundary.
+While a writer works in a folder, the folder holds its marker (collection.json or import.json)
+and tensors.partial/; meta.json is written last and replaces the marker.
 
 The content fingerprint (format 2): for each tensor file its size, the SHA-256 of all its bytes,
 and the SHA-256 of 64 blocks of 64 KiB spread evenly through it, computed by the writer from the
@@ -24,23 +22,19 @@ byte. A checkpoint records a hash of meta.json, and so of this fingerprint: a re
 evaluation knows its data by content, not by name.
 """
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from tensordict import TensorDict
-from torch import Tensor
 
-from leworld import LeworldError
 
 FORMAT, VERSION = "leworld-dataset", 2  # 2: meta.json holds the content fingerprint
 FLOAT_KEYS = ("action", "state", "proprio")
 SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 16
+COLLECTING, IMPORTING = "collection.json", "import.json"  # the markers of an unfinished collection, import
 
 
 def _digest(file: Path, blocks: int | None = None) -> str:
@@ -101,8 +95,7 @@ def read_meta(root: Path) -> tuple[dict | None, list[str]]:
         return None, [f"{root} does not exist"]
     meta_file = root / "meta.json"
     if not meta_file.is_file():
-        partial = (root / "collection.json").is_file()  # collect.MARKER: leworld is collecting into the folder
-        imported = (root / "import.json").is_file()  # hdf5.IMPORT_MARKER: an import into the folder
+        partial, imported = (root / COLLECTING).is_file(), (root / IMPORTING).is_file()
         return None, [f"{root} has no meta.json: " + ("its collection did not finish (run collect again with "
                                                        "resume=true)" if partial else "its import did not finish (run "
                                                        "the import again with resume=true)" if imported else
@@ -189,169 +182,12 @@ def content_problems(td: TensorDict, meta: dict) -> list[str]:
     return problems
 
 
-@dataclass
-class EpisodeDataset:
-    """An opened dataset: its meta.json and its tensors (memory-mapped, or in memory on a device)."""
-
-    path: Path
-    meta: dict
-    tensors: TensorDict
-    episode_starts: np.ndarray  # (E,) first frame of each episode
-    episode_lengths: np.ndarray  # (E,) frames in each episode
-
-    @classmethod
-    def open(cls, path: str | Path) -> "EpisodeDataset":
-        problems = dataset_problems(path)
-        if problems:
-            raise LeworldError(f"dataset {path}: {problems[0]}; verify it with python -m leworld.collect verify path={path}")
-        root = Path(path)
-        meta = json.loads((root / "meta.json").read_text())
-        tensors = TensorDict.load_memmap(root / "tensors")
-        for key in FLOAT_KEYS:  # small next to the pixels, which are not read; NaN here would reach training
-            if key in tensors.keys() and not torch.isfinite(tensors[key]).all():
-                raise LeworldError(f"dataset {path}: '{key}' holds NaN or inf; collect the dataset again")
-        lengths = np.asarray(meta["episode_lengths"])
-        return cls(root, meta, tensors, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-
-    @property
-    def num_episodes(self) -> int:
-        return len(self.episode_lengths)
-
-    def to(self, device: str | torch.device) -> "EpisodeDataset":
-        """The whole dataset loaded into memory on `device` (uint8 pixels), so that clips are
-        gathered there without touching the disk."""
-        tensors = self.tensors.apply(lambda t: torch.as_tensor(t).clone().to(device))
-        return EpisodeDataset(self.path, self.meta, tensors, self.episode_starts, self.episode_lengths)
-
-    def split(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(train, held-out) episode indices: a seeded random split by whole episodes."""
-        order = np.random.default_rng(seed).permutation(self.num_episodes)
-        n_val = int(round(val_fraction * self.num_episodes))
-        if val_fraction > 0 and n_val == 0 or n_val >= self.num_episodes:
-            raise LeworldError(f"a held-out fraction of {val_fraction} of {self.num_episodes} episodes leaves a split empty")
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-    def fingerprint(self) -> str:
-        """A short hash of meta.json: it changes when the dataset is collected again (its creation time,
-        episode lengths and statistics are in it), so a checkpoint can tell its own data from another."""
-        return hashlib.sha256((self.path / "meta.json").read_bytes()).hexdigest()[:16]
+def column_statistics(values: np.ndarray) -> dict:
+    """Per-column mean, std, min and max of (N, D) values, as meta.json stores them."""
+    return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+            "min": values.min(0).tolist(), "max": values.max(0).tolist()}
 
 
-@dataclass(frozen=True)
-class ActionCodec:
-    """Raw env actions <-> the action chunks a world model sees and plans in.
-
-    A chunk is the `frameskip` raw actions (A each) taken between two kept frames, each normalised
-    by the training data's mean and std, concatenated in time order: [a_t, a_t+1, ...] (fs·A,).
-    low / high are the environment's raw action bounds. A checkpoint saves its model's codec, so
-    planning searches the action space the model was trained in whatever dataset is at hand.
-    """
-
-    mean: tuple[float, ...]  # (A,)
-    std: tuple[float, ...]  # (A,), at least 1e-6
-    low: tuple[float, ...]  # (A,)
-    high: tuple[float, ...]  # (A,)
-    frameskip: int
-
-    @classmethod
-    def from_stats(cls, stats: dict, low, high, frameskip: int) -> "ActionCodec":
-        """From a dataset's action statistics (meta.json's stats.action) and the env's bounds."""
-        std = np.maximum(np.asarray(stats["std"], dtype=float), 1e-6)
-        return cls(tuple(map(float, stats["mean"])), tuple(map(float, std)), tuple(map(float, low)),
-                   tuple(map(float, high)), int(frameskip))
-
-    @property
-    def action_dim(self) -> int:
-        return len(self.mean)
-
-    @property
-    def block_dim(self) -> int:
-        return self.frameskip * self.action_dim
-
-    def to_chunks(self, raw: Tensor) -> Tensor:
-        """Raw actions (..., K·fs, A) -> normalised chunks (..., K, fs·A)."""
-        normalised = (raw - raw.new_tensor(self.mean)) / raw.new_tensor(self.std)
-        return rearrange(normalised, "... (k f) a -> ... k (f a)", f=self.frameskip)
-
-    def to_env(self, chunks: Tensor) -> np.ndarray:
-        """Normalised chunks (..., K, fs·A) -> raw actions (..., K·fs, A) inside the env's bounds."""
-        normalised = rearrange(chunks.detach().float().cpu(), "... k (f a) -> ... (k f) a", f=self.frameskip).numpy()
-        return np.clip(normalised * self.std + np.asarray(self.mean), self.low, self.high)
-
-    def bounds(self, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-        """The env's bounds as normalised chunks: (low, high), each (fs·A,)."""
-        low, high = (torch.tensor(v, dtype=torch.float32, device=device) for v in (self.low, self.high))
-        return self.to_chunks(low.expand(self.frameskip, -1))[0], self.to_chunks(high.expand(self.frameskip, -1))[0]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "ActionCodec":
-        return cls(**{f.name: tuple(saved[f.name]) if f.name != "frameskip" else int(saved[f.name])
-                      for f in dataclasses.fields(cls)})
-
-
-class ClipSampler:
-    """Clips of `num_frames` frames `codec.frameskip` steps apart from the given episodes.
-
-    sample(B, generator) draws B clips at random; epoch(B, seed) goes once through every clip (all
-    start frames) in an order fixed by the seed, so that a resumed run can pick up mid-epoch. Both give:
-        pixels  (B, T, 3, H, W) uint8
-        actions (B, T, fs·A) float32, chunks of the codec; chunk k moves frame k to frame k+1
-        state   (B, T, S) float32, and proprio (B, T, P) where the dataset has it
-    Gathering runs where the dataset's tensors are: on a GPU after dataset.to("cuda").
-    """
-
-    def __init__(self, dataset: EpisodeDataset, episodes: np.ndarray, num_frames: int, codec: ActionCodec):
-        self.dataset, self.num_frames, self.codec = dataset, num_frames, codec
-        frameskip = codec.frameskip
-        span = num_frames * frameskip  # frames t .. t+span-1 must lie in one episode (the last block's actions too)
-        starts = [np.arange(s, s + length - span) for s, length in
-                  zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes]) if length > span]
-        if not starts:
-            raise LeworldError(f"no episode of {dataset.path} is longer than {num_frames} frames x frameskip {frameskip}")
-        device = dataset.tensors.device or torch.device("cpu")
-        self.starts = torch.as_tensor(np.concatenate(starts), device=device)  # (C,) first frame of every clip
-        self.frame_offsets = torch.arange(num_frames, device=device) * frameskip  # (T,)
-        self.action_offsets = torch.arange(span, device=device)  # (T·fs,)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def clips(self, starts: Tensor) -> dict[str, Tensor]:
-        td = self.dataset.tensors
-        frames = starts[:, None] + self.frame_offsets  # (B, T)
-        pixels = td["pixels"][frames.flatten()]  # (B·T, H, W, 3)
-        raw_actions = td["action"][(starts[:, None] + self.action_offsets).flatten()]  # (B·T·fs, A)
-        batch = {
-            "pixels": rearrange(pixels, "(b t) h w c -> b t c h w", b=len(starts)),
-            "actions": self.codec.to_chunks(rearrange(raw_actions, "(b n) a -> b n a", b=len(starts))),
-            "state": rearrange(td["state"][frames.flatten()], "(b t) s -> b t s", b=len(starts)),
-        }
-        if "proprio" in td.keys():
-            batch["proprio"] = rearrange(td["proprio"][frames.flatten()], "(b t) p -> b t p", b=len(starts))
-        return batch
-
-    def generator(self, seed: int) -> torch.Generator:
-        """A generator for sample(), on the device the clips are gathered on."""
-        return torch.Generator(self.starts.device).manual_seed(seed)
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        index = torch.randint(len(self.starts), (batch_size,), generator=generator, device=self.starts.device)
-        return self.clips(self.starts[index])
-
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return len(self.starts) // batch_size
-
-    def epoch(self, batch_size: int, seed: int, skip: int = 0, shard: tuple[int, int] = (0, 1)):
-        """Every clip once, in full batches, in the order `seed` fixes, leaving out the first `skip`
-        batches. With shard=(rank, world_size), the order is cut into global batches of
-        batch_size·world_size clips and this process gets its part of each."""
-        rank, world_size = shard
-        generator = torch.Generator(self.starts.device).manual_seed(seed)
-        order = torch.randperm(len(self.starts), generator=generator, device=self.starts.device)
-        global_batch = batch_size * world_size
-        for i in range(skip, self.batches_per_epoch(global_batch)):
-            first = i * global_batch + rank * batch_size
-            yield self.clips(self.starts[order[first:first + batch_size]])
+def open_meta(root: Path) -> dict:
+    """meta.json of a dataset that dataset_problems found sound."""
+    return json.loads((root / "meta.json").read_text())

@@ -1,0 +1,85 @@
+"""What a planner minimises, built once per batch of tasks (their goals) and turned into a cost
+function once per solve (planners/mpc.py's Objective): a world model's latent distance to the goal
+(LatentObjective), or, for the oracle, the simulator's own goal cost (SimulatorObjective). Both are
+made as Objective(model, goals, device, compile)."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from einops import rearrange
+
+import envs
+from leworld.runtime import autocast
+
+
+@dataclass
+class Goals:
+    """The goals of a batch of b tasks, as the dataset recorded them."""
+
+    pixels: np.ndarray  # (b, H, W, 3) uint8, the goal frames
+    states: np.ndarray  # (b, S) float64, the goal states
+    proprio: np.ndarray | None  # (b, Q), the goals' proprioception where the dataset has it
+    proprio_of: Callable[[np.ndarray], np.ndarray] | None  # an env's state (S,) -> its proprioception (Q,)
+
+
+class LatentObjective:
+    """The planning cost of a world model: its `distance` between the last imagined latent and the
+    goal's. Goals are encoded once when it is made, the observed frames once per solve. Models
+    that read proprioception get it (from the goals, and from the observed states by proprio_of);
+    the others ignore it."""
+
+    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False):
+        """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change)."""
+        self.model, self.device, self.proprio_of = model, device, goals.proprio_of
+        self.plan_cost = model.plan_cost
+        if compile:
+            compiled = torch.compile(model.plan_cost, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            # CUDA graphs write each call's output into the same memory: a planner may keep costs longer
+            self.plan_cost = lambda *args: compiled(*args).clone()
+        proprio = None if goals.proprio is None else goals.proprio[:, None]
+        self.goals = self.encode(goals.pixels[:, None], proprio)[:, 0]
+
+    @torch.no_grad()
+    def encode(self, pixels: np.ndarray, proprio: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 frames (B, T, H, W, 3) and proprio (B, T, Q) -> latents (B, T, *L) in float32."""
+        frames = rearrange(torch.from_numpy(pixels).to(self.device), "b t h w c -> b t c h w")
+        if proprio is not None:
+            proprio = torch.as_tensor(proprio, dtype=torch.float32, device=self.device)
+        with autocast(self.device):
+            return self.model.encode(frames, proprio).float()
+
+    def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
+        proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])
+        context = self.encode(observed["pixels"], proprio)  # (b, T, *L)
+        goal = self.goals[torch.as_tensor(index, device=self.device)]
+        taken = None if chunks is None else chunks.to(self.device)
+
+        def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            with autocast(self.device):
+                return self.plan_cost(context, goal, plans, taken).float()
+
+        return cost
+
+
+class SimulatorObjective:
+    """The oracle's planning cost: each candidate plan simulated from the observed state in a copy
+    of the environment (physics only, nothing drawn) and scored by the env's goal cost. Exact, and
+    slow: it is the ceiling of what the planner and the protocol allow, not a model."""
+
+    def __init__(self, oracle, goals: Goals, device: torch.device | None = None, compile: bool = False):
+        """oracle: what it plans for (leworld.planning.oracle.Oracle: its env and action codec);
+        device and compile: as LatentObjective's, unused (the simulator runs on the CPU)."""
+        self.sim, self.goals, self.codec = envs.make(oracle.env.name, **oracle.env.kwargs), goals.states, oracle.codec
+
+    def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
+        starts, goals = observed["state"][:, -1], self.goals[index]  # (b, S), (b, S)
+
+        def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            raw = self.codec.to_env(plans)  # (b, S, H·fs, A): what the MPC loop would execute
+            costs = [[self.sim.goal_cost(self.sim.simulate(start, actions), goal) for actions in samples]
+                     for start, goal, samples in zip(starts, goals, raw)]
+            return torch.tensor(costs, dtype=torch.float32, device=plans.device)
+
+        return cost

@@ -1,0 +1,32 @@
+"""The simulator itself as the world model (model=oracle): what the planner and the protocol allow
+at best. It has what planning needs of a model: an action codec, an env and a data record; it is
+planned with SimulatorObjective."""
+
+from dataclasses import dataclass
+
+import envs
+from leworld.codec import ActionCodec
+from leworld.dataset import EpisodeDataset
+from leworld.models.base import DataRecord, EnvSpec
+
+
+@dataclass
+class Oracle:
+    codec: ActionCodec
+    env: EnvSpec
+    data: DataRecord
+    history: int = 1
+
+    @property
+    def frameskip(self) -> int:
+        return self.codec.frameskip
+
+    @classmethod
+    def of(cls, env: EnvSpec, dataset: EpisodeDataset, frameskip: int, val_fraction: float, seed: int) -> "Oracle":
+        """The oracle of `env` on the tasks of `dataset`, with the action codec and held-out
+        episodes a training run with that frameskip, val_fraction and seed makes."""
+        dataset.check_env(env.name, f"pass data_path=<a {env.name} dataset>")
+        space = envs.make(env.name, **env.kwargs).action_space
+        codec = ActionCodec.from_stats(dataset.meta["stats"]["action"], space.low, space.high, frameskip)
+        _, held_out = dataset.split(val_fraction, seed)
+        return cls(codec, env, DataRecord.of(dataset, held_out))

@@ -1,0 +1,108 @@
+"""The planning protocol of LeWM and DINO-WM (configs/protocol/default.yaml), run in batches: each
+task starts at a random state of a held-out episode of the model's dataset, its goal is the frame
+`goal_offset` env steps later in that episode, and the planner has `budget` env steps to reach it
+under MPC (planners/mpc.py). Plans are searched in the model's own action space (the codec in its
+checkpoint), whatever dataset supplies the tasks."""
+
+import statistics
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import envs
+from leworld import LeworldError
+from leworld.codec import ActionCodec
+from leworld.dataset import EpisodeDataset
+from leworld.planning.objectives import Goals, LatentObjective
+from planners import PLANNERS, Bounds
+from planners.mpc import run_mpc
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """What the protocol's values (checked one by one in leworld/settings.py) must satisfy together."""
+    protocol = cfg.protocol
+    if protocol.receding_horizon is not None and not 0 < protocol.receding_horizon <= protocol.horizon:
+        raise LeworldError(f"protocol.receding_horizon={protocol.receding_horizon} must be between 1 and "
+                           f"protocol.horizon={protocol.horizon} (or null: the whole plan)")
+
+
+def make_planner(cfg: DictConfig, codec: ActionCodec, seed: int, device: torch.device):
+    """The planner of cfg (configs/planner/*.yaml), searching chunks inside the env's bounds."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
+    if cfg.name not in PLANNERS:
+        raise LeworldError(f"there is no planner={cfg.name}; choose one of: {', '.join(PLANNERS)}")
+    try:
+        return PLANNERS[cfg.name](codec.block_dim, bounds=Bounds(*codec.bounds(device)), seed=seed, device=device,
+                                  **settings)
+    except (TypeError, ValueError) as err:
+        raise LeworldError(f"planner={cfg.name}: {err}") from None
+
+
+def task_episodes(model, dataset: EpisodeDataset) -> tuple[np.ndarray, str]:
+    """The episodes tasks are drawn from: the held-out ones of the model's own dataset, or every
+    episode of another dataset (which the model never trained on). -> (episodes, a description)."""
+    if dataset.fingerprint() == model.data.fingerprint:
+        return np.asarray(model.data.held_out), "held-out"
+    return np.arange(dataset.num_episodes), "(another dataset than the model's: all)"
+
+
+def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offset: int, seed: int) -> np.ndarray:
+    """Dataset rows of `count` start frames: a random episode (with replacement) and a random frame
+    in it with the goal `offset` steps later still inside the episode."""
+    eligible = episodes[dataset.episode_lengths[episodes] > offset]
+    if len(eligible) == 0:
+        raise LeworldError(f"no held-out episode of {dataset.path} is longer than protocol.goal_offset={offset} steps")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(eligible, count)
+    return dataset.episode_starts[chosen] + rng.integers(0, dataset.episode_lengths[chosen] - offset)
+
+
+def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: DictConfig, protocol: DictConfig,
+                 seed: int, device: torch.device, record: int = 0,
+                 objective=LatentObjective) -> tuple[list[dict], list[float], list]:
+    """Plan from the given start rows, `protocol.batch` environments at a time. model: a world model
+    (or the oracle, with objective=SimulatorObjective); objective: what the planner minimises, made
+    as objective(model, goals, device, compile) for each batch.
+    -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
+    planner = make_planner(planner_cfg, model.codec, seed, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    state, pixels = dataset.tensors["state"], dataset.tensors["pixels"]
+    has_proprio = "proprio" in dataset.tensors.keys()
+    results, solve_seconds, frames = [], [], []
+    for first in range(0, len(rows), protocol.batch):
+        batch_rows = rows[first:first + protocol.batch]
+        goal_rows = torch.as_tensor(batch_rows + protocol.goal_offset)
+        goals = state[goal_rows].numpy().astype(np.float64)
+        batch = [envs.make(model.env.name, **model.env.kwargs) for _ in batch_rows]
+        starts = state[torch.as_tensor(batch_rows)].numpy().astype(np.float64)
+        for env, start, goal in zip(batch, starts, goals):
+            env.reset(options={"state": start, "goal": goal})
+        targets = Goals(pixels[goal_rows].numpy(), goals, dataset.tensors["proprio"][goal_rows].numpy() if has_proprio
+                        else None, batch[0].proprio if has_proprio else None)
+        result = run_mpc(batch, objective(model, targets, device, protocol.get("compile", False)), planner,
+                         model.codec.to_env, horizon=protocol.horizon,
+                         receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
+                         frameskip=model.frameskip, history=model.history, record=first < record,
+                         synchronize=synchronize)
+        for env in batch:
+            env.close()
+        for i, row in enumerate(batch_rows):
+            results.append({"episode": first + i, "seed": seed, "dataset_row": int(row),
+                            "success": bool(result.success[i]), "steps": int(result.steps[i]),
+                            "start_success": bool(batch[i].success(starts[i], goals[i])),
+                            "final_distance": batch[i].distance(result.final_state[i], goals[i]),
+                            "final_state": result.final_state[i].tolist()})
+        solve_seconds += result.solve_seconds
+        frames += result.frames
+    return results, solve_seconds, frames[:record]
+
+
+def summary(results: list[dict], solve_seconds: list[float]) -> dict:
+    success = np.array([r["success"] for r in results], dtype=float)
+    return {"success_rate": float(success.mean()),
+            "standard_error": float(success.std(ddof=1) / np.sqrt(len(success))) if len(success) > 1 else 0.0,
+            "median_final_distance": float(np.median([r["final_distance"] for r in results])),
+            "start_success_rate": float(np.mean([r["start_success"] for r in results])),
+            "episodes": len(results), "solves": len(solve_seconds),
+            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0}

@@ -1,0 +1,85 @@
+"""One evaluation under the protocol, reported: the planner's success rate with its standard error,
+the same tasks with random actions (the floor), the planning time per solve, eval.json (one row per
+episode, and the settings) and GIFs of a few episodes with the goal beside them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import repeat
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from leworld import LeworldError
+from leworld.dataset import EpisodeDataset
+from leworld.planning.objectives import LatentObjective
+from leworld.planning.protocol import run_protocol, sample_tasks, summary, task_episodes
+
+
+def evaluate(model, dataset: EpisodeDataset, planner_cfg: DictConfig, protocol: DictConfig, seed: int,
+             device: torch.device, out_dir: Path, settings: dict, objective=LatentObjective) -> dict:
+    """Plan under the protocol (and with random actions, the floor), print the summary and write
+    eval.json and videos into out_dir, which must not exist yet: it is made first, so that an
+    unwritable place fails before any planning (and is removed again if planning fails).
+    settings: what eval.json records of where the model came from. objective: as run_protocol's."""
+    if out_dir.exists():
+        raise LeworldError(f"out_dir={out_dir} exists; results are never overwritten: pass another out_dir")
+    try:
+        out_dir.mkdir(parents=True)
+    except OSError as err:
+        raise LeworldError(f"cannot create out_dir={out_dir} ({err.strerror or err}); pass a writable out_dir") from None
+    try:
+        return _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir, settings, objective)
+    except BaseException:
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path, settings: dict, objective) -> dict:
+    episodes, which = task_episodes(model, dataset)
+    rows = sample_tasks(dataset, episodes, protocol.episodes, protocol.goal_offset, seed)
+    receding = protocol.receding_horizon or protocol.horizon
+    print(f"{model.env.name}: {protocol.episodes} episodes from {len(episodes)} {which} episodes of {dataset.path}; "
+          f"goal {protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {planner_cfg.name}, "
+          f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}")
+    results, solve_seconds, frames = run_protocol(model, dataset, rows, planner_cfg, protocol, seed, device,
+                                                  record=protocol.videos, objective=objective)
+    report = {"planner": summary(results, solve_seconds)}
+    print(f"{planner_cfg.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
+          f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes, median final distance "
+          f"{report['planner']['median_final_distance']:.3g}; median planning time "
+          f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments; "
+          f"{100 * report['planner']['start_success_rate']:.0f}% of the starts already met their goal")
+    rows_out = {"planner": results}
+    if protocol.random_baseline:
+        floor, _, _ = run_protocol(model, dataset, rows, OmegaConf.create({"name": "random"}), protocol, seed, device,
+                                   objective=objective)
+        report["random"] = summary(floor, [])
+        rows_out["random"] = floor
+        print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
+              f"{100 * report['random']['standard_error']:.1f}%, median final distance "
+              f"{report['random']['median_final_distance']:.3g}")
+    goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:protocol.videos] + protocol.goal_offset)].numpy()
+    videos = save_videos(frames, goal_frames, out_dir, protocol.videos)
+    settings = settings | {"planner": OmegaConf.to_container(planner_cfg), "protocol": OmegaConf.to_container(protocol),
+                           "seed": seed, "env": model.env.name, "dataset": str(dataset.path), "device": str(device),
+                           "action_codec": model.codec.to_dict()}
+    (out_dir / "eval.json").write_text(json.dumps({"settings": settings, "summary": report, "episodes": rows_out,
+                                                   "videos": videos}, indent=1))
+    print(f"saved {out_dir / 'eval.json'} and {len(videos)} videos")
+    return report | {"out_dir": str(out_dir)}
+
+
+def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder: Path, count: int) -> list[str]:
+    """GIFs of the first `count` episodes: each frame beside the goal, scaled up to at least 192 px."""
+    paths = []
+    for i, episode in enumerate(frames[:count]):
+        scale = max(1, 192 // goal_frames.shape[1])
+        pictures = [np.concatenate([frame, np.zeros_like(frame[:, :1]), goal_frames[i]], axis=1) for frame in episode]
+        images = [Image.fromarray(repeat(p, "h w c -> (h s) (w t) c", s=scale, t=scale)) for p in pictures]
+        path = folder / f"episode_{i}.gif"
+        images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+        paths.append(str(path))
+    return paths

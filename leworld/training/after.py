@@ -1,0 +1,55 @@
+"""What a run does after training: probe what the latents learned, plan with the model, and say
+what it achieved in one table."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from leworld.checkpoint import FILENAME
+from leworld.dataset import EpisodeDataset
+from leworld.models import WorldModel
+from leworld.planning import evaluate
+from leworld.probe import probe_world_model
+from leworld.runtime import RunLog
+
+
+def after_training(model: WorldModel, cfg: DictConfig, dataset: EpisodeDataset, train_episodes: np.ndarray,
+                   held_out: np.ndarray, device: torch.device, run_dir: Path, log: RunLog) -> dict:
+    """Probe what the latents learned, then plan with the model, as configured."""
+    results = {"run_dir": str(run_dir)}
+    model.eval()
+    if cfg.probe_after_training:
+        results["probe"] = probe_world_model(model, dataset, train_episodes, held_out, cfg.probe, device, say=log.print)
+        (run_dir / "probe.json").write_text(json.dumps(results["probe"], indent=1))
+    log.close()
+    if cfg.plan_after_training:
+        results["eval"] = evaluate(model.requires_grad_(False), dataset, cfg.planner, cfg.protocol, cfg.seed, device,
+                                   run_dir / "eval", {"ckpt": str(run_dir / FILENAME)})
+    return results
+
+
+def outcome_table(results: dict, minutes: float) -> str:
+    """What the run achieved, in one table: this model against its floor (the same encoder at
+    random initialisation for the probe, random actions for planning)."""
+    rows = [("training minutes", f"{results['seconds'] / 60:.1f}", ""),
+            ("clips seen", f"{results['clips'] / 1000:.0f}k ({results['steps']} steps)", ""),
+            ("held-out loss", f"{results.get('val_loss', float('nan')):.3f}", "")]
+    if "probe" in results:
+        r2 = results["probe"]["r2"]
+        rows += [(f"probe R² {name}", f"{value:.3f}", f"{r2['random_init'][name]:.3f}")
+                 for name, value in r2["trained"].items()]
+    if "eval" in results:
+        ours, floor = results["eval"]["planner"], results["eval"].get("random")
+        rate = lambda s: f"{100 * s['success_rate']:.1f}% ± {100 * s['standard_error']:.1f}%"
+        rows += [("planning success", rate(ours), rate(floor) if floor else ""),
+                 ("median final distance", f"{ours['median_final_distance']:.3g}",
+                  f"{floor['median_final_distance']:.3g}" if floor else ""),
+                 ("planning s per solve", f"{ours['median_solve_seconds']:.0f}", "")]
+    rows.append(("whole command, minutes", f"{minutes:.1f}", ""))
+    first, second = max(len(r[0]) for r in rows) + 2, max(len(r[1]) for r in rows) + 2
+    lines = [f"what {results['run_dir']} achieved:", f"  {'':<{first}}{'this model':<{second}}random init / random actions"]
+    lines += [f"  {name:<{first}}{ours:<{second}}{floor}".rstrip() for name, ours, floor in rows]
+    return "\n".join(lines)

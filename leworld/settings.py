@@ -43,7 +43,7 @@ PLANNERS = {
     "mppi": {"samples": COUNT, "elites": COUNT, "iterations": COUNT, "temperature": POSITIVE, "std": POSITIVE,
              "min_std": POSITIVE, "max_std": POSITIVE},
     "gradient": {"restarts": COUNT, "steps": COUNT, "lr": POSITIVE, "std": (float, 0, None)},
-    "random": {},
+    "random_actions": {},
 }
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),

@@ -5,12 +5,13 @@ cost_fn maps candidate plans (B, S, H, A) to costs (B, S): B problems (environme
 are solved together in single tensor operations. Planners know nothing of models or environments.
 """
 
+from planners.base import Bounds, CostFn, GaussianPlanner, Planner
 from planners.cem import CEM
-from planners.common import Bounds, CostFn
 from planners.gradient import GradientPlanner
 from planners.mppi import MPPI
-from planners.uniform import RandomActions
+from planners.random_actions import RandomActions
 
-PLANNERS = {"cem": CEM, "mppi": MPPI, "gradient": GradientPlanner, "random": RandomActions}
+PLANNERS = {"cem": CEM, "mppi": MPPI, "gradient": GradientPlanner, "random_actions": RandomActions}
 
-__all__ = ["CEM", "MPPI", "PLANNERS", "Bounds", "CostFn", "GradientPlanner", "RandomActions"]
+__all__ = ["CEM", "MPPI", "PLANNERS", "Bounds", "CostFn", "GaussianPlanner", "GradientPlanner", "Planner",
+           "RandomActions"]

@@ -8,16 +8,14 @@ the bounds, and the cheapest plan seen at any step is returned.
 import torch
 from torch import Tensor
 
-from planners.common import Bounds, CostFn
+from planners.base import Bounds, CostFn, Planner
 
 
-class GradientPlanner:
+class GradientPlanner(Planner):
     def __init__(self, action_dim: int, restarts: int = 8, steps: int = 30, lr: float = 0.1, std: float = 1.0,
                  bounds: Bounds | None = None, seed: int = 0, device="cpu"):
-        self.action_dim, self.restarts, self.steps, self.lr, self.std = action_dim, restarts, steps, lr, std
-        self.bounds = bounds or Bounds.unbounded(action_dim, device)
-        self.generator = torch.Generator(device).manual_seed(seed)
-        self.device = torch.device(device)
+        super().__init__(action_dim, bounds, seed, device)
+        self.restarts, self.steps, self.lr, self.std = restarts, steps, lr, std
 
     def plan(self, cost_fn: CostFn, batch_size: int, horizon: int, init: Tensor | None = None) -> Tensor:
         """cost_fn: plans (B, S, H, A) -> costs (B, S), differentiable; init: (B, H, A). -> plans (B, H, A)."""

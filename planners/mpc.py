@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from planners.common import CostFn
+from planners.base import CostFn
 
 
 class Objective(Protocol):

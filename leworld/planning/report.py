@@ -54,7 +54,7 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
           f"{100 * report['planner']['start_success_rate']:.0f}% of the starts already met their goal")
     rows_out = {"planner": results}
     if protocol.random_baseline:
-        floor, _, _ = run_protocol(model, dataset, rows, OmegaConf.create({"name": "random"}), protocol, seed, device,
+        floor, _, _ = run_protocol(model, dataset, rows, OmegaConf.create({"name": "random_actions"}), protocol, seed, device,
                                    objective=objective)
         report["random"] = summary(floor, [])
         rows_out["random"] = floor

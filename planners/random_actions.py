@@ -4,16 +4,14 @@ without looking at any cost."""
 import torch
 from torch import Tensor
 
-from planners.common import Bounds, CostFn
+from planners.base import Bounds, CostFn, Planner
 
 
-class RandomActions:
+class RandomActions(Planner):
     def __init__(self, action_dim: int, bounds: Bounds, seed: int = 0, device="cpu"):
         if not (bounds.low.isfinite().all() and bounds.high.isfinite().all()):
             raise ValueError("random actions need finite action bounds")
-        self.action_dim, self.bounds = action_dim, bounds
-        self.generator = torch.Generator(device).manual_seed(seed)
-        self.device = torch.device(device)
+        super().__init__(action_dim, bounds, seed, device)
 
     def plan(self, cost_fn: CostFn, batch_size: int, horizon: int, init: Tensor | None = None) -> Tensor:
         """-> plans (B, H, A), uniform in the bounds; cost_fn and init are ignored."""

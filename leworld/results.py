@@ -54,6 +54,32 @@ class Tee:
         return getattr(self.stream, name)
 
 
+class Stages:
+    """The stages of one results run: each runs as its verb would (its command line in sys.argv),
+    records its result or its error in summary.json, and a failed one does not stop the next."""
+
+    def __init__(self, out: Path, summary: dict):
+        self.out, self.summary, self.failed = out, summary, []
+
+    def write(self) -> None:
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=str))
+
+    def run(self, name: str, work, argv: list[str]) -> None:
+        print(f"\n==== {name}: python -m {' '.join(argv)} ====", flush=True)
+        start, argv_before = time.perf_counter(), sys.argv
+        sys.argv = argv  # what the verb prints as its command is what it was given
+        try:
+            result = {"result": work()}
+        except Exception as err:  # recorded; the next stage runs
+            traceback.print_exc()
+            result = {"error": f"{type(err).__name__}: {err}"}
+            self.failed.append(name)
+        finally:
+            sys.argv = argv_before
+        self.summary["stages"][name] = {"seconds": round(time.perf_counter() - start, 1), **result}
+        self.write()
+
+
 def output_folder(path: str) -> FolderLock:
     """The new or empty folder `path`, locked by this process for the run (leworld/folders.py)."""
     out = Path(path)
@@ -83,25 +109,8 @@ def results_run(cfg: DictConfig) -> dict:
     summary = {"command": "python -m leworld.results " + " ".join(sys.argv[1:]), "size": cfg.size,
                "minutes": cfg.minutes, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine_name(pick_device(cfg.device)), "overrides": OmegaConf.to_container(stages), "stages": {}}
-    failed = []
-
-    def write_summary() -> None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-
-    def stage(name: str, work, argv: list[str]) -> None:
-        print(f"\n==== {name}: python -m {' '.join(argv)} ====", flush=True)
-        start, argv_before = time.perf_counter(), sys.argv
-        sys.argv = argv  # what the verb prints as its command is what it was given
-        try:
-            result = {"result": work()}
-        except Exception as err:  # recorded; the next stage runs
-            traceback.print_exc()
-            result = {"error": f"{type(err).__name__}: {err}"}
-            failed.append(name)
-        finally:
-            sys.argv = argv_before
-        summary["stages"][name] = {"seconds": round(time.perf_counter() - start, 1), **result}
-        write_summary()
+    stages_run = Stages(out, summary)
+    stage, failed = stages_run.run, stages_run.failed
 
     log = open(out / "console.log", "a")
     stdout, stderr = sys.stdout, sys.stderr
@@ -118,7 +127,7 @@ def results_run(cfg: DictConfig) -> dict:
             if name in bench_cfgs:
                 stage(name, lambda: bench(bench_cfgs[name]), ["leworld.bench", name.split("_")[1], *bench_args[name]])
         summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_summary()
+        stages_run.write()
         print(f"\nresults in {out}: summary.json, console.log"
               + (f"; failed stages: {', '.join(failed)}" if failed else ""))
     finally:

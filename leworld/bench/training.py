@@ -64,29 +64,7 @@ def bench_train(cfg: DictConfig) -> dict:
             torch.manual_seed(0)
             model = model_class(model_cfg.type)(model_cfg, codec)
             opt = Optimisation.start(model, Processes(0, 1, device), run_cfg.train, total_steps=10**6)
-            net = torch.compile(opt.net) if compiled else opt.net
-
-            def step():
-                with autocast(device):
-                    loss = net(batch)["loss"]
-                opt.step(loss)
-
-            for _ in range(spec.warmup):  # compilation, autotuning, the allocator's first blocks
-                step()
-            rounds = []
-            for _ in range(spec.repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(spec.steps):
-                    step()
-                synchronize(device)
-                rounds.append((time.perf_counter() - start) / spec.steps)
-            seconds = statistics.median(rounds)
-            with FlopCounterMode(display=False) as counter:
-                with autocast(device):
-                    loss = opt.model(batch)["loss"]
-                loss.backward()
-            flops = counter.get_total_flops()
+            seconds, flops = time_steps(opt, batch, compiled, spec, device)
             achieved = flops / seconds / 1e12
             mfu = f"{100 * achieved / peak:.1f}%" if peak else "-"
             parameters = sum(p.numel() for p in model.parameters())
@@ -97,3 +75,29 @@ def bench_train(cfg: DictConfig) -> dict:
                                        "gflop_per_step": flops / 1e9, "tflops": achieved,
                                        "mfu": achieved / peak if peak else None}
     return {f"{name}{' compiled' if compiled else ''}": value for (name, compiled), value in results.items()}
+
+
+def time_steps(opt: Optimisation, batch: dict, compiled: bool, spec: DictConfig, device: torch.device) -> tuple[float, int]:
+    """-> (median seconds per step, FLOPs of one forward and backward)."""
+    net = torch.compile(opt.net) if compiled else opt.net
+
+    def step():
+        with autocast(device):
+            loss = net(batch)["loss"]
+        opt.step(loss)
+
+    for _ in range(spec.warmup):  # compilation, autotuning, the allocator's first blocks
+        step()
+    rounds = []
+    for _ in range(spec.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(spec.steps):
+            step()
+        synchronize(device)
+        rounds.append((time.perf_counter() - start) / spec.steps)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device):
+            loss = opt.model(batch)["loss"]
+        loss.backward()
+    return statistics.median(rounds), counter.get_total_flops()

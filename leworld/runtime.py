@@ -29,6 +29,9 @@ from leworld import LeworldError
 from leworld.folders import FolderLock, entries, lock_folder
 
 CONFIG_DIR = Path(str(importlib.resources.files("leworld.configs")))
+# old spellings of overrides (a prefix when they end in = or ., else the whole override), what replaced them
+RENAMED = {"encoder=": ("backbone=", "configs/backbone/"), "model.encoder.backbone.": ("backbone.", "configs/backbone/"),
+           "model=lewm": ("model=lewm_gpu", "or scale=gpu, which picks it")}
 # the settings that name files and folders, whatever their text looks like
 PATH_KEYS = {"path", "run_dir", "out", "out_dir", "ckpt", "data_path", "weights", "init", "val_path", "labels_path"}
 
@@ -38,15 +41,34 @@ PATH_KEYS = {"path", "run_dir", "out", "out_dir", "ckpt", "data_path", "weights"
 
 def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
     """Compose configs/<name>.yaml with hydra overrides (key=value, group=option). Every key a
-    verb reads is in its config, so adding keys (+key=value) is refused: such a key would be ignored."""
+    verb reads is in its config, so adding keys (+key=value) is refused: such a key would be ignored.
+    A config with `presets` (train.yaml) takes the model preset of its scale unless model= names one."""
+    for override in overrides:
+        for old, (new, where) in RENAMED.items():
+            if override == old or old.endswith(("=", ".")) and override.startswith(old):
+                raise LeworldError(f"{override}: {old} is now {new} ({where}); pass {new + override[len(old):]}")
     added = [o for o in overrides if o.startswith("+")]
     if added:
         raise LeworldError(f"{added[0]}: leworld's configs take no new keys (one that is not in the config would be "
                            f"ignored); python -m leworld.{name} --help lists every key")
+    cfg = compose_config(name, list(overrides))
+    preset = OmegaConf.select(cfg, f"presets.{cfg.get('scale')}")
+    if preset is not None and preset != cfg.model.name and not any(o.startswith("model=") for o in overrides):
+        cfg = compose_config(name, [f"model={preset}", *overrides])
+    for override in overrides:  # run_dir=2024 or out=nan name folders: hydra read them as numbers
+        key, _, text = override.partition("=")
+        if key.rsplit(".", 1)[-1] in PATH_KEYS and isinstance(OmegaConf.select(cfg, key, default=""), (int, float)):
+            OmegaConf.update(cfg, key, text)
+    OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
+    return cfg
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """hydra's composition, its errors as one line."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(name, overrides=list(overrides))
+            return compose(name, overrides=overrides)
     except MissingConfigException as err:
         if err.missing_cfg_file and "/" in err.missing_cfg_file:
             group, choice = err.missing_cfg_file.rsplit("/", 1)
@@ -57,12 +79,6 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
         lines = [line.strip() for line in str(err).splitlines()
                  if line.strip() and not line.startswith(("See https", "To append to your config"))]
         raise LeworldError("bad override: " + "; ".join(lines) + f"; python -m leworld.{name} --help lists every key") from None
-    for override in overrides:  # run_dir=2024 or out=nan name folders: hydra read them as numbers
-        key, _, text = override.partition("=")
-        if key.rsplit(".", 1)[-1] in PATH_KEYS and isinstance(OmegaConf.select(cfg, key, default=""), (int, float)):
-            OmegaConf.update(cfg, key, text)
-    OmegaConf.set_struct(cfg, True)  # a typo in code or on the command line is an error, not a new key
-    return cfg
 
 
 def require(cfg: DictConfig, key: str, message: str):

@@ -72,7 +72,8 @@ TRAINING = {"epochs": POSITIVE, "minutes": nullable((float, 0.01, None)), "batch
 
 
 def train(cfg: DictConfig) -> dict:
-    return {"seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
+    backbone = prefixed("backbone", BACKBONES.get(OmegaConf.select(cfg, "backbone.name"), {}))  # a LeWM's, by its name
+    return {**backbone, "seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
             **model(cfg.model), **prefixed("probe", PROBE), **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
 
 
@@ -102,6 +103,7 @@ def pretrain(cfg: DictConfig) -> dict:
         "projector.hidden": COUNT, "projector.out_dim": COUNT,
         "loss.sigreg_weight": FRACTION, **prefixed("loss.sigreg", SIGREG),
         "train.epochs": COUNT, "train.batch_size": COUNT, "train.lr": (float, Above(0), 1), "train.weight_decay": (float, 0, 1),
+        **{f"train.weight_decay_by_backbone.{name}": (float, 0, 1) for name in BACKBONES},
         "train.warmup": FRACTION, "train.final_lr_ratio": FRACTION, "train.grad_clip": nullable((float, 0, None)),
         "train.log_every": COUNT, "train.save_every_epochs": (int, 0, None), "train.workers": (int, 0, None),
         "probe.online_lr": POSITIVE, "probe.linear_weight_decay": (float, 0, None), "probe.knn_k": COUNT,

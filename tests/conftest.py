@@ -36,8 +36,8 @@ def env_names() -> list:
 
 
 # a world model small enough for seconds on a CPU
-TINY_MODEL = ["encoder=vit_cpu", "model.latent_dim=32", "model.encoder.backbone.patch_size=8", "model.encoder.backbone.dim=32", "model.encoder.backbone.depth=2",
-              "model.encoder.backbone.heads=2", "model.encoder.projector.hidden=[64]",
+TINY_MODEL = ["backbone=vit_cpu", "model.latent_dim=32", "backbone.patch_size=8", "backbone.dim=32", "backbone.depth=2",
+              "backbone.heads=2", "model.encoder.projector.hidden=[64]",
               "model.predictor.width=32", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.mlp_hidden=64",
               "model.predictor.projector.hidden=[64]", "model.sigreg.num_slices=64", "model.frameskip=2"]
 TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale.cpu.episodes=16",

@@ -130,7 +130,7 @@ def test_baseline_trains_and_plans(data_path, trained, tmp_path):
     weights = tmp_path / "dinov2_tiny.pth"
     torch.save(dinov2_state_dict(dim=64, depth=2, heads=1, patch=8, grid=4, registers=2), weights)
     run_dir = tmp_path / "dinowm"
-    tiny = [a for a in TINY_RUN if not a.startswith(("model.", "encoder="))]
+    tiny = [a for a in TINY_RUN if not a.startswith(("model.", "backbone"))]
     done = run("train", *tiny, "model=dinowm", f"model.encoder.weights={weights}", "model.image_size=32",
                "model.frameskip=2", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.head_dim=16",
                "model.predictor.mlp_hidden=128", f"data.path={data_path}", "train.epochs=8", "train.lr=1e-3",
@@ -152,7 +152,7 @@ def test_baseline_trains_and_plans(data_path, trained, tmp_path):
 
 
 def test_training_without_weights_is_one_line(data_path, tmp_path):
-    done = run("train", *[a for a in TINY_RUN if not a.startswith(("model.", "encoder="))], "model=dinowm", f"data.path={data_path}",
+    done = run("train", *[a for a in TINY_RUN if not a.startswith(("model.", "backbone"))], "model=dinowm", f"data.path={data_path}",
                f"run_dir={tmp_path / 'x'}")
     assert done.returncode == 2 and "needs model.encoder.weights" in done.stderr.strip().splitlines()[-1]
 
@@ -204,7 +204,7 @@ def test_baseline_with_proprioception_trains_and_plans(data_path, trained, tmp_p
     weights = tmp_path / "dinov2_tiny.pth"
     torch.save(dinov2_state_dict(dim=32, depth=1, heads=1, patch=8, grid=4, registers=0), weights)
     run_dir = tmp_path / "dinowm"
-    tiny = [a for a in TINY_RUN if not a.startswith(("model.", "encoder="))]
+    tiny = [a for a in TINY_RUN if not a.startswith(("model.", "backbone"))]
     done = run("train", *tiny, "model=dinowm", f"model.encoder.weights={weights}", "model.image_size=32",
                "model.frameskip=2", "model.predictor.depth=1", "model.predictor.heads=2", "model.predictor.head_dim=16",
                "model.predictor.mlp_hidden=64", "model.proprio.use=true", f"data.path={data_path}", "train.epochs=4",

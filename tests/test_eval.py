@@ -192,7 +192,7 @@ def test_the_oracle_plans_with_the_simulator(trained, data_path, tmp_path):
                               side="right") - 1
     assert np.isin(episode, dataset.split(0.1, 0)[1]).all()
     assert "needs env=" in one_line_error(run("eval", "model=oracle"))
-    assert "model=oracle only" in one_line_error(run("eval", "model=lewm", f"ckpt={trained[0]}"))
+    assert "model=oracle only" in one_line_error(run("eval", "model=lewm_gpu", f"ckpt={trained[0]}"))
 
 
 def test_the_simulator_objective_scores_the_state_a_plan_reaches(data_path):

@@ -34,8 +34,10 @@ def verbs():
     for env in envs.ENVS:
         yield "train", [f"env={env}"], settings.train
         yield "collect", [f"env={env}", "workers=2"], lambda cfg: settings.COLLECT  # "auto" is resolved first
-    for encoder in options("encoder"):
-        yield "train", [f"encoder={encoder}"], settings.train
+    for backbone in options("backbone"):
+        yield "train", [f"backbone={backbone}"], settings.train
+    for scale in options("scale"):
+        yield "train", [f"scale={scale}"], settings.train
     for planner in options("planner"):
         yield "eval", [f"planner={planner}", "env=pusht", "model=oracle"], settings.evaluate
     yield "probe", [], lambda cfg: settings.PROBE_VERB
@@ -67,3 +69,22 @@ def test_a_value_outside_its_range_names_the_key_and_the_range():
         check_values(cfg, settings.train(cfg))
     cfg = load_config("train", ["train.minutes=null", "protocol.receding_horizon=null"])  # null where null means none
     check_values(cfg, settings.train(cfg))
+
+
+def test_one_size_choice_picks_the_frames_the_dataset_and_the_preset_and_old_spellings_name_the_new():
+    gpu = load_config("train", ["scale=gpu"])
+    assert (gpu.model.name, gpu.env.kwargs.image_size, gpu.data.path) == ("lewm_gpu", 224, "data/pusht-gpu")
+    assert gpu.model.encoder.backbone.patch_size == 14 and gpu.model.encoder.backbone.image_size == 224
+    assert load_config("train", ["scale=gpu", "model=lewm_cpu"]).model.name == "lewm_cpu"  # a preset given wins
+    cpu = load_config("train", ["backbone=vit_cpu", "backbone.dim=48"])
+    assert (cpu.model.name, cpu.model.encoder.backbone.dim, cpu.model.encoder.backbone.image_size) == ("lewm_cpu", 48, 64)
+    assert load_config("pretrain", ["backbone=vit_cpu"]).train.weight_decay == 0.05  # LeJEPA's for a ViT
+    assert load_config("pretrain", ["backbone=resnet18"]).train.weight_decay == 5e-4  # ... and for a ResNet
+    with pytest.raises(LeworldError, match=r"^encoder=vit_cpu: encoder= is now backbone= .*pass backbone=vit_cpu$"):
+        load_config("train", ["encoder=vit_cpu"])
+    with pytest.raises(LeworldError, match=r"pass backbone.dim=8$"):
+        load_config("train", ["model.encoder.backbone.dim=8"])
+    with pytest.raises(LeworldError, match=r"^model=lewm: .*pass model=lewm_gpu$"):
+        load_config("train", ["model=lewm"])
+    for verb in ("collect", "eval"):
+        assert load_config(verb, ["scale=gpu", "env=reacher"]).env.kwargs.image_size == 224

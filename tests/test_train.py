@@ -79,8 +79,8 @@ def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
     assert reacher.model.latent_dim == preset["model"]["latent_dim"]  # the rest is the preset's
     assert load_config("train", ["env=pusht"]).model.sigreg.weight == preset["model"]["sigreg"]["weight"]
     assert load_config("train", ["env=reacher", "model.sigreg.weight=0.5"]).model.sigreg.weight == 0.5
-    paper = yaml.safe_load((CONFIG_DIR / "model" / "lewm.yaml").read_text())
-    assert load_config("train", ["env=reacher", "model=lewm"]).model.sigreg.weight == paper["model"]["sigreg"]["weight"]
+    paper = yaml.safe_load((CONFIG_DIR / "model" / "lewm_gpu.yaml").read_text())
+    assert load_config("train", ["env=reacher", "model=lewm_gpu"]).model.sigreg.weight == paper["model"]["sigreg"]["weight"]
 
 
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):
@@ -177,7 +177,8 @@ def test_a_killed_run_resumes_to_the_same_weights_in_the_folder_it_is_given(data
                     "train.batch_size=64 (the run's: 32)", "env=pusht (the run's: tworoom)",
                     "model=lewm_cpu (the run's: other settings)"):
         assert dropped in line, line
-    assert "encoder=convnet_cpu" in train_error(capsys, "resume=true", f"run_dir={killed}", "encoder=convnet_cpu")
+    assert "backbone=convnet_cpu (the run's: vit)" in train_error(capsys, "resume=true", f"run_dir={killed}",
+                                                                   "backbone=convnet_cpu")
 
 
 def test_resume_refuses_another_dataset(data_path, tmp_path, trained, capsys):

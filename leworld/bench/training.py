@@ -49,9 +49,9 @@ def bench_train(cfg: DictConfig) -> dict:
     print("| model | parameters | image | batch | compiled | ms per step | clips per s | GFLOP per step | TFLOP/s | MFU |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     results = {}
-    for name in spec.models:  # a preset, or preset:encoder to swap its backbone (lewm_cpu:vit_cpu)
-        preset, _, encoder = name.partition(":")
-        overrides = [f"model={preset}", f"scale={spec.scale}"] + ([f"encoder={encoder}"] if encoder else [])
+    for name in spec.models:  # a preset, or preset:backbone to swap its backbone (lewm_cpu:vit_cpu)
+        preset, _, backbone = name.partition(":")
+        overrides = [f"model={preset}", f"scale={spec.scale}"] + ([f"backbone={backbone}"] if backbone else [])
         run_cfg = load_config("train", overrides)
         model_cfg, batch_size = run_cfg.model, spec.batch_size or run_cfg.train.batch_size
         codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), model_cfg.frameskip)  # PushT's 2-d actions

@@ -27,7 +27,7 @@ from leworld import LeworldError, settings
 from leworld.augment import MultiCrop
 from leworld.checkpoint import FILENAME, load_checkpoint, load_weights, save_checkpoint, select
 from leworld.images import ImageBatches, ImageSet, load_image_set
-from leworld.nn import Projector, build_backbone
+from leworld.nn import Projector, build_backbone, check_backbone_name
 from leworld.optim import Optimisation, check_finite
 from leworld.probe import extract_features, knn_accuracy, linear_probe_accuracy
 from leworld.runtime import (Processes, RunLog, autocast, check_values, discard_run, new_run_dir, run_main, seed_everything,
@@ -146,6 +146,7 @@ def evaluate(backbone: nn.Module, initial: nn.Module | None, train: ImageSet, va
 
 
 def pretrain(cfg: DictConfig) -> dict:
+    check_backbone_name(cfg.backbone.name)  # before the weight decay, which is looked up by it
     check_values(cfg, settings.pretrain(cfg))
     for key in ("views.global.scale", "views.local.scale", "augment.blur.sigma"):
         bounds = list(OmegaConf.select(cfg, key))

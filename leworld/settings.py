@@ -73,8 +73,9 @@ TRAINING = {"epochs": POSITIVE, "minutes": nullable((float, 0.01, None)), "batch
 
 def train(cfg: DictConfig) -> dict:
     backbone = prefixed("backbone", BACKBONES.get(OmegaConf.select(cfg, "backbone.name"), {}))  # a LeWM's, by its name
-    return {**backbone, "seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
-            **model(cfg.model), **prefixed("probe", PROBE), **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
+    return {"seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
+            **backbone, **model(cfg.model), **prefixed("probe", PROBE), **prefixed("protocol", PROTOCOL),
+            **planner(cfg.planner)}
 
 
 def evaluate(cfg: DictConfig) -> dict:

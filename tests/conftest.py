@@ -1,8 +1,11 @@
+import contextlib
 import importlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -74,7 +77,34 @@ def codec(action_dim=2, frameskip=2, mean=0.0, std=1.0):
     return ActionCodec((mean,) * action_dim, (std,) * action_dim, (-1.0,) * action_dim, (1.0,) * action_dim, frameskip)
 
 
-def run(verb, *args, **kwargs):
+def run(verb, *args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`python -m leworld.<verb> <args>`, run in this process: the verb's own main() under that command
+    line, its output and exit status as a new interpreter would give them, without the interpreter's
+    start-up (3 s of imports each time). A changed environment (env=) needs a new interpreter:
+    run_process."""
+    if env is not None:
+        return run_process(verb, *args, cwd=cwd, env=env)
+    module = importlib.import_module(f"leworld.{verb}.__main__" if verb == "bench" else f"leworld.{verb}")
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    sys.argv, code = [f"{module.__file__}", *args], 0
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(["python", "-m", f"leworld.{verb}", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_process(verb, *args, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m leworld.<verb> <args>` in a new interpreter."""
     return subprocess.run([sys.executable, "-m", f"leworld.{verb}", *args], capture_output=True, text=True, **kwargs)
 
 

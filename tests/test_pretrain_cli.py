@@ -16,6 +16,7 @@ from leworld.checkpoint import load_checkpoint
 from leworld.pretrain import LeJEPA, load_encoder, pretrain
 from leworld import LeworldError
 from leworld.runtime import load_config, run_main
+from conftest import run
 
 # A model and run small enough for seconds; with data=shapes also a small generated set.
 TINY = ["logger=none", "views.global.size=16", "views.local.size=8", "views.local.count=2",
@@ -26,7 +27,7 @@ TINY_SHAPES = ["data.per_class=8", "data.size=16"]
 
 
 def pretrain_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "leworld.pretrain", *args], capture_output=True, text=True, cwd=cwd)
+    return run("pretrain", *args, cwd=cwd)
 
 
 def test_tiny_run_writes_its_folder_and_the_encoder_reloads(tmp_path):
@@ -91,7 +92,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
     cli = lambda *args: one_error_line(pretrain_cli(*TINY, *TINY_SHAPES, *args, cwd=tmp_path))
     assert "data.path is required" in one_error_line(pretrain_cli(*TINY, "data=folder", cwd=tmp_path))
-    assert "backbone=resnet50; choose one of: convnet_small" in cli("backbone=resnet50")
+    assert "backbone=resnet50; choose one of: convnet_cpu, convnet_small" in cli("backbone=resnet50")
     assert "unknown backbone name 'resnet'" in cli("backbone.name=resnet")
     assert "bad override" in cli("train.epochz=3")
     for override, message in {"views.global.size=0": "views.global.size=0: it must be an integer >= 8",  # a traceback once

@@ -76,7 +76,9 @@ def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
     reacher = load_config("train", ["env=reacher"])
     assert reacher.model.sigreg.weight == recipe["model"]["sigreg"]["weight"]
     assert reacher.train.epochs == recipe["train"]["epochs"]
-    assert reacher.model.latent_dim == preset["model"]["latent_dim"]  # the rest is the preset's
+    pusht = load_config("train", ["env=pusht"])
+    assert reacher.model.predictor == pusht.model.predictor and reacher.model.encoder == pusht.model.encoder  # the rest is the preset's
+    assert pusht.model.predictor.width == preset["model"]["predictor"]["width"]
     assert load_config("train", ["env=pusht"]).model.sigreg.weight == preset["model"]["sigreg"]["weight"]
     assert load_config("train", ["env=reacher", "model.sigreg.weight=0.5"]).model.sigreg.weight == 0.5
     paper = yaml.safe_load((CONFIG_DIR / "model" / "lewm_gpu.yaml").read_text())
@@ -350,7 +352,7 @@ def test_a_user_folder_at_data_path_is_never_touched(tmp_path, capsys):
 
 def test_faults_before_and_during_training(data_path, tmp_path, trained, capsys, monkeypatch):
     env = os.environ | {"MUJOCO_GL": "nonsense"}  # a machine that cannot render: found before training
-    done = run("train", *TINY_RUN, f"data.path={data_path}", f"run_dir={tmp_path / 'gl'}", env=env)
+    done = run_process("train", *TINY_RUN, f"data.path={data_path}", f"run_dir={tmp_path / 'gl'}", env=env)
     assert "MUJOCO_GL=nonsense" in one_line_error(done) and not (tmp_path / "gl").exists()
     # a loss that diverges before the first checkpoint leaves no run folder behind, so it can be reused
     real = LeWorldModel.loss  # made NaN: no valid setting diverges this tiny run (lr is at most 1)

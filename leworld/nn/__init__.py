@@ -19,8 +19,7 @@ def build_backbone(cfg: DictConfig | dict) -> nn.Module:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     name = cfg.get("name")
-    if name not in BACKBONES:
-        raise LeworldError(f"unknown backbone name {name!r}; choose one of: {', '.join(BACKBONES)}")
+    check_backbone_name(name)
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     accepted = inspect.signature(BACKBONES[name]).parameters
     unknown = sorted(set(kwargs) - set(accepted))
@@ -29,4 +28,9 @@ def build_backbone(cfg: DictConfig | dict) -> nn.Module:
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["ViT", "ConvNet", "Projector", "build_backbone", "BACKBONES"]
+def check_backbone_name(name) -> None:
+    if name not in BACKBONES:
+        raise LeworldError(f"unknown backbone name {name!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+__all__ = ["ViT", "ConvNet", "Projector", "build_backbone", "check_backbone_name", "BACKBONES"]

@@ -26,7 +26,7 @@ from leworld.models.lewm import LeWorldModel
 from leworld.runtime import CONFIG_DIR, load_config, run_main
 from leworld.train import train
 from leworld.training.loop import held_out_batches, recalibrate_batchnorm, validate
-from conftest import TINY_RUN, child_pids, run
+from conftest import TINY_RUN, child_pids, run, run_process
 
 
 def test_training_learns_and_leaves_a_probed_checkpoint(trained):

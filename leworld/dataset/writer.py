@@ -65,11 +65,6 @@ class DatasetWriter:
         self.tensors["episode"][rows] = index
         self.tensors["step"][rows] = torch.arange(length)
 
-    def discard(self) -> None:
-        """Remove what was written (a failed import or collection keeps no half-written tensors)."""
-        self.tensors = None
-        shutil.rmtree(self.root / PARTIAL, ignore_errors=True)
-
     def finish(self, meta: dict) -> dict:
         """tensors.partial/ becomes tensors/, then meta.json is written: `meta` (what the source says:
         env, statistics, its origin) with the format, the sizes and the content fingerprint added.

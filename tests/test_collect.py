@@ -22,11 +22,11 @@ from leworld.collect import collect, unfinished_collection
 from leworld.codec import ActionCodec
 from leworld.dataset import ClipSampler, EpisodeDataset, dataset_problems
 from leworld.runtime import load_config
-from conftest import child_pids, written_with_these_files
+from conftest import child_pids, run, run_process, written_with_these_files
 
 
 def collect_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "leworld.collect", *args], capture_output=True, text=True, **kwargs)
+    return run("collect", *args, **kwargs)
 
 
 SMALL = ["env=pusht", "env.kwargs.image_size=32", "episodes=4", "episode_length=24", "workers=2"]
@@ -158,7 +158,7 @@ def test_a_second_collection_into_a_folder_is_refused_while_the_first_runs_and_s
     assert 2 <= kept < 100 and len(list((path / "episodes").glob("ep_*[0-9].npz"))) == kept
     finish = stopped.split("; ", 1)[1].removesuffix(" finishes the collection").split()
     assert finish[:3] == ["python", "-m", "leworld.collect"] and "resume=true" in finish
-    done = subprocess.run([sys.executable, *finish[1:]], capture_output=True, text=True)  # the command it printed
+    done = run("collect", *finish[3:])  # the command it printed
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{kept} already there" in done.stdout and EpisodeDataset.open(path).num_episodes == 100
     assert not (path / ".leworld.lock").exists()  # released with the collection
@@ -325,7 +325,7 @@ def test_an_episode_that_cannot_be_written_ends_in_one_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     path = tmp_path / "data"
-    done = collect_cli(*TINY, f"path={path}", preexec_fn=limit_file_size)
+    done = run_process("collect", *TINY, f"path={path}", preexec_fn=limit_file_size)  # the limit: in its own process
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("error: could not write") and "ep_0000" in last and "resume=true" in last

@@ -16,7 +16,7 @@ def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     cfg = load_config("pretrain", [
         "logger=none", f"run_dir={run_dir}", "data.per_class=200", "backbone.widths=[8,16,32,64]",
-        "train.epochs=30", "train.log_every=1",  # 300 steps of 128 images, about 40 s on 2 cores
+        "train.epochs=15", "train.log_every=1",  # 150 steps of 128 images, about 20 s on 2 cores
     ])
     results = pretrain(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -26,7 +26,7 @@ def short_run(tmp_path_factory):
 def test_features_beat_random_initialisation(short_run):
     _, results, _ = short_run
     trained, random_init = results["eval"]["pretrained"], results["eval"]["random_init"]
-    # measured over seeds 0-2: linear probe +18 to +21 points, k-NN +10 to +19 (chance is 12.5%)
+    # measured over seeds 0-2 (seed=): linear probe +12 to +19 points, k-NN +6 to +14 (chance is 12.5%)
     assert trained["linear_probe"] >= random_init["linear_probe"] + 0.10
     assert trained["knn"] >= random_init["knn"] + 0.05
 

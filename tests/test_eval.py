@@ -10,6 +10,7 @@ from conftest import run, train_probe_and_plan
 from omegaconf import OmegaConf
 
 import envs
+from leworld.bench.planning import PlanningSolve
 from leworld.codec import ActionCodec
 from leworld.dataset import EpisodeDataset
 from leworld.eval import run_eval
@@ -127,6 +128,10 @@ def test_a_compiled_planning_cost_gives_the_eager_costs(trained):
     compiled = LatentObjective(model, goals(pixels[:2]), torch.device("cpu"), compile=True).cost_fn(observed, chunks, index)
     plans = torch.randn(2, 7, 2, 4, generator=torch.Generator().manual_seed(0))  # 2 imagined steps: a short compile
     assert torch.allclose(compiled(plans), eager(plans), rtol=1e-4, atol=1e-5)
+    # python -m leworld.bench planning times the same objective compiled (its stage in the GPU results run)
+    spec = OmegaConf.create({"context": 3, "horizon": 2, "repeats": 1, "cem": {"samples": 7, "elites": 2, "iterations": 2}})
+    seconds, gflop, timed = PlanningSolve(model, spec, {}, 2, torch.device("cpu")).time(compiled=True)
+    assert seconds > 0 and gflop > 0 and timed == "whole"
 
 
 def test_tasks_stay_inside_held_out_episodes(trained):

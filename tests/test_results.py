@@ -1,6 +1,6 @@
 """python -m leworld.results, the prepared GPU results run, at its smoke size on a CPU: every stage
-runs (collect, train for a time budget with probe and planning, the benchmarks, compiled planning
-included), summary.json and console.log say what each did, and a used output folder is refused
+runs (collect, train for a time budget with probe and planning, the benchmarks; the compiled
+planning stage, empty at this size, is timed on its own in tests/test_eval.py), summary.json and console.log say what each did, and a used output folder is refused
 with nothing overwritten."""
 
 import json
@@ -14,7 +14,7 @@ def test_the_results_run_runs_every_stage_and_writes_its_summary(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    assert list(stages) == ["collect", "train", "bench_train", "bench_planning", "bench_planning_compiled"]
+    assert list(stages) == ["collect", "train", "bench_train", "bench_planning"]  # smoke compiles nothing
     assert not [name for name, stage in stages.items() if "error" in stage]
     trained = stages["train"]["result"]
     assert trained["steps"] > 25 and 0 <= trained["eval"]["planner"]["success_rate"] <= 1
@@ -23,7 +23,6 @@ def test_the_results_run_runs_every_stage_and_writes_its_summary(tmp_path):
     assert set(stages["bench_train"]["result"]["lewm_cpu"]) >= {"clips_per_s", "gflop_per_step", "mfu"}
     assert stages["bench_train"]["result"]["lewm_cpu"]["gflop_per_step"] > 0
     assert set(stages["bench_planning"]["result"]) == {"lewm_cpu 1 env", "dinowm_cpu 1 env"}
-    assert stages["bench_planning_compiled"]["result"]["lewm_cpu 1 env compiled"]["ms_per_solve"] > 0
     log = (out / "console.log").read_text()
     assert "==== bench_planning: python -m leworld.bench planning planning.models=[lewm_cpu,dinowm_cpu]" in log
     assert "| dinowm_cpu | " in log and "what " in log and "planning success" in log

@@ -4,6 +4,7 @@ random frames laid out as real ones."""
 import ctypes
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -71,3 +72,10 @@ def machine_name(device: torch.device) -> str:
     found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
     cpu = found.group(1) if found else platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_header(what: str, machine: str, benchmark: str) -> None:
+    """The lines above each benchmark's table: what it times, on what machine, and its command."""
+    print(what)
+    print(f"machine: {machine}")
+    print(f"command: python -m leworld.bench {benchmark} {' '.join(sys.argv[2:])}".rstrip() + "\n")

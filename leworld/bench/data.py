@@ -4,7 +4,6 @@ training clips per second from the clip sampler."""
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -13,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 import envs
-from leworld.bench.common import machine_name, synchronize
+from leworld.bench.common import machine_name, print_header, synchronize
 from leworld.codec import ActionCodec
 from leworld.collect import collect
 from leworld.dataset import ClipSampler, EpisodeDataset
@@ -39,9 +38,8 @@ def _env_steps(name: str, image_size: int, steps: int) -> tuple[int, float, floa
 
 def bench_collect(cfg: DictConfig) -> None:
     spec = cfg.collect
-    print(f"environment steps per second, expert policy, rendering included ({spec.steps} steps per worker)")
-    print(f"machine: {machine_name(torch.device('cpu'))}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
-    print(f"command: python -m leworld.bench collect {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print_header(f"environment steps per second, expert policy, rendering included ({spec.steps} steps per worker)",
+                 f"{machine_name(torch.device('cpu'))}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}", "collect")
     print("| env | image | workers | steps/s per worker | steps/s in all |")
     print("|---|---:|---:|---:|---:|")
     for name in spec.envs:
@@ -64,10 +62,8 @@ def bench_sampler(cfg: DictConfig) -> None:
             collect(load_config("collect", [f"path={path}", f"episodes={spec.episodes}", "env=pusht"]))
         dataset = EpisodeDataset.open(path)
         device = pick_device(cfg.device)
-        print(f"clips of {spec.frames} frames, frameskip {spec.frameskip}, from {path} "
-              f"({dataset.meta['num_frames']} frames of {'x'.join(map(str, dataset.meta['image_shape']))})")
-        print(f"machine: {machine_name(device)}")
-        print(f"command: python -m leworld.bench sampler {' '.join(sys.argv[2:])}".rstrip() + "\n")
+        print_header(f"clips of {spec.frames} frames, frameskip {spec.frameskip}, from {path} ({dataset.meta['num_frames']} "
+                     f"frames of {'x'.join(map(str, dataset.meta['image_shape']))})", machine_name(device), "sampler")
         print("| source | batch | clips/s |")
         print("|---|---:|---:|")
         episodes = np.arange(dataset.num_episodes)

@@ -1,7 +1,6 @@
 """python -m leworld.bench planning: world models side by side, timed on the path eval runs."""
 
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -10,7 +9,7 @@ from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from leworld.bench.common import PeakMemory, machine_name, random_frames, synchronize
+from leworld.bench.common import PeakMemory, machine_name, print_header, random_frames, synchronize
 from leworld.codec import ActionCodec
 from leworld.models import model_class
 from leworld.planning import Goals, LatentObjective, make_planner
@@ -28,10 +27,8 @@ def bench_planning(cfg: DictConfig) -> dict:
     graphs: CEM's shapes do not change)."""
     spec = cfg.planning
     device = pick_device(cfg.device)
-    print(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} chunks, "
-          f"{spec.context} context frames; random weights, median of {spec.repeats}")
-    print(f"machine: {machine_name(device)}")
-    print(f"command: python -m leworld.bench planning {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print_header(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} chunks, "
+                 f"{spec.context} context frames; random weights, median of {spec.repeats}", machine_name(device), "planning")
     print("| model | parameters | environments | compiled | timed as (samples x iterations) | ms per solve "
           "| environments per s | GFLOP per solve | peak MiB of one cost call (as timed) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")

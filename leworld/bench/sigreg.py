@@ -1,13 +1,12 @@
 """python -m leworld.bench sigreg: SIGReg's time and peak memory against the naive implementation."""
 
 import statistics
-import sys
 import time
 
 import torch
 from omegaconf import DictConfig
 
-from leworld.bench.common import PeakMemory, machine_name, synchronize
+from leworld.bench.common import PeakMemory, machine_name, print_header, synchronize
 from leworld.runtime import pick_device
 from leworld.sigreg import SIGReg, quadrature
 
@@ -30,9 +29,8 @@ def _sigreg_step(impl: str, z: torch.Tensor, sigreg: SIGReg) -> None:
 def bench_sigreg(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     spec = cfg.sigreg
-    print(f"SIGReg forward + backward, D={spec.dim}, {spec.knots} knots, median of {spec.repeats} after a warm-up")
-    print(f"machine: {machine_name(device)}")
-    print(f"command: python -m leworld.bench sigreg {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print_header(f"SIGReg forward + backward, D={spec.dim}, {spec.knots} knots, median of {spec.repeats} after a warm-up",
+                 machine_name(device), "sigreg")
     print("| N | M | leworld ms | naive ms | leworld peak MiB | naive peak MiB | memory ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     grid = [(n, m, impl) for n in spec.n for m in spec.m for impl in ("leworld", "naive")]

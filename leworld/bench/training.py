@@ -2,14 +2,13 @@
 second, FLOPs per step and model FLOP utilisation against the device's peak."""
 
 import statistics
-import sys
 import time
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from leworld.bench.common import machine_name, random_frames, synchronize
+from leworld.bench.common import machine_name, print_header, random_frames, synchronize
 from leworld.codec import ActionCodec
 from leworld.models import model_class
 from leworld.optim import Optimisation
@@ -42,10 +41,9 @@ def bench_train(cfg: DictConfig) -> dict:
     spec = cfg.train
     device = pick_device(cfg.device)
     peak, peak_source = device_peak_tflops(device, spec.peak_tflops)
-    print(f"training step: {spec.steps} timed steps after {spec.warmup} (median of {spec.repeats} rounds), "
-          f"frames at scale={spec.scale}")
-    print(f"machine: {machine_name(device)}; peak: {f'{peak:g} TFLOP/s' if peak else 'none'} ({peak_source})")
-    print(f"command: python -m leworld.bench train {' '.join(sys.argv[2:])}".rstrip() + "\n")
+    print_header(f"training step: {spec.steps} timed steps after {spec.warmup} (median of {spec.repeats} rounds), frames at "
+                 f"scale={spec.scale}", f"{machine_name(device)}; peak: {f'{peak:g} TFLOP/s' if peak else 'none'} ({peak_source})",
+                 "train")
     print("| model | parameters | image | batch | compiled | ms per step | clips per s | GFLOP per step | TFLOP/s | MFU |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     results = {}

@@ -1,6 +1,6 @@
 """The shape of the code: lines per file, the longest function of each, and the import circles among
-leworld's modules. `python tests/code_shape.py` prints the table of docs/architecture.md;
-tests/test_code_shape.py holds the code to its limits.
+leworld's modules. `python tests/code_shape.py` prints the table, `--write` puts it at the end of
+docs/architecture.md; tests/test_code_shape.py holds the code to its limits and the page to the code.
 
 A function's length counts every line from its `def` (decorators included) to its last line. An
 import is any `import` or `from ... import` of a leworld module, at the top of a file or inside a
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE, HEADING = ROOT / "docs" / "architecture.md", "## The shape of the code"
 FOLDERS = ("leworld", "envs", "planners")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 
@@ -112,8 +113,20 @@ def table(rows: list[dict], circles: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def page_with(shape: str) -> str:
+    """docs/architecture.md with `shape` as its last section's table (after the section's first paragraph)."""
+    text = PAGE.read_text()
+    section = text.index(HEADING)
+    intro_end = text.index("\n\n", text.index("\n\n", section) + 2) + 2
+    return text[:intro_end] + shape + "\n"
+
+
 if __name__ == "__main__":
     rows, circles = measure()
-    print(table(rows, circles))
+    shape = table(rows, circles)
+    if sys.argv[1:] == ["--write"]:
+        PAGE.write_text(page_with(shape))
+    else:
+        print(shape)
     too_long = [r for r in rows if r["lines"] > MAX_FILE_LINES or r["function_lines"] > MAX_FUNCTION_LINES]
     sys.exit(1 if too_long or circles else 0)

@@ -3,7 +3,7 @@ import circle among leworld's modules (tests/code_shape.py measures them and pri
 
 import ast
 
-from code_shape import MAX_FILE_LINES, MAX_FUNCTION_LINES, import_circles, imports, measure
+from code_shape import MAX_FILE_LINES, MAX_FUNCTION_LINES, PAGE, import_circles, imports, measure, page_with, table
 
 
 def test_files_and_functions_are_short_and_no_module_imports_its_importer():
@@ -12,6 +12,7 @@ def test_files_and_functions_are_short_and_no_module_imports_its_importer():
     assert [r["path"] for r in rows if r["lines"] > MAX_FILE_LINES] == []
     assert [(r["path"], r["function"]) for r in rows if r["function_lines"] > MAX_FUNCTION_LINES] == []
     assert circles == []
+    assert PAGE.read_text() == page_with(table(rows, circles)), "docs/architecture.md's table is stale: python tests/code_shape.py --write"
 
 
 def test_the_measure_finds_a_circle_and_an_import_inside_a_function():

@@ -104,10 +104,18 @@ def check_values(cfg: DictConfig, rules: dict[str, tuple]) -> None:
     type int or float (an int is a float too), either bound None for none (Above(x) for a bound the
     value must exceed), or to nullable(...) of that when null is allowed too; a key whose value is
     a list has each of its elements checked; a key the config does not have is passed over (a
-    table covers every model, backbone and planner). -> LeworldError naming the key and what it must be."""
-    for key, (kind, low, high, *null_allowed) in rules.items():
+    table covers every model, backbone and planner). A rule (str, choices) names the words a
+    setting may be. -> LeworldError naming the key and what it must be."""
+    for key, (kind, low, *high_and_null) in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT or value is None and null_allowed:  # absent: a setting this config does not have
+        if value is _ABSENT:  # a setting this config does not have
+            continue
+        if kind is str:
+            if value not in low:
+                raise LeworldError(f"{key}={value}: it must be one of {', '.join(low)}")
+            continue
+        high, *null_allowed = high_and_null
+        if value is None and null_allowed:
             continue
         listed = isinstance(value, (list, ListConfig))
         for element in (value if listed else [value]):

@@ -11,6 +11,7 @@ checks that every numeric value of every config has a rule here.
 
 from omegaconf import DictConfig, OmegaConf
 
+from leworld.nn.predictor import POSITIONS
 from leworld.runtime import MAX_IMAGE_SIZE, Above, nullable, prefixed
 
 POSITIVE, FRACTION, COUNT, SEED = (float, Above(0), None), (float, 0, 1), (int, 1, None), (int, 0, None)
@@ -32,6 +33,7 @@ MODELS = {
              "encoder.projector.hidden": COUNT, "predictor.width": COUNT, "predictor.depth": COUNT,
              "predictor.heads": COUNT, "predictor.mlp_hidden": COUNT, "predictor.dropout": (float, 0, 0.99),
              "predictor.projector.hidden": COUNT, "predictor.rollout_steps": COUNT, "sigreg.weight": (float, 0, None),
+             "predictor.positions": (str, POSITIONS),
              **prefixed("sigreg", SIGREG)},
     "dinowm": {"image_size": IMAGE_SIZE, "history": COUNT, "frameskip": COUNT, "encoder.heads": nullable(COUNT),
                "predictor.depth": COUNT, "predictor.heads": COUNT, "predictor.head_dim": COUNT,

@@ -82,6 +82,7 @@ class WorldModel(nn.Module, metaclass=ABCMeta):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         self.cfg = OmegaConf.create(cfg)
         self.codec, self.history = codec, self.cfg.history
+        self.window: int | None = self.history  # the latest frames `predict` is shown when imagining; None: all of them
         self.env: EnvSpec | None = None
         self.data: DataRecord | None = None
 
@@ -133,13 +134,14 @@ class WorldModel(nn.Module, metaclass=ABCMeta):
         """Imagine H steps ahead: context latents (B, Tc, *L), the chunks to take after the last
         context frame (B, H, fs·A) and, for Tc > 1, those taken between the context frames
         (B, Tc − 1, fs·A) -> predicted latents (B, H, *L). The predictor sees the last `history`
-        frames, real or imagined, and each prediction is fed back in."""
+        frames, real or imagined (`window`; None: all, for a predictor that limits what it looks at
+        itself), and each prediction is fed back in. The reference a faster rollout is held to."""
         if context.shape[1] > 1 and context_chunks is None:
             raise LeworldError("rollout from several context frames needs the action chunks taken between them")
         steps = chunks if context_chunks is None else torch.cat([context_chunks, chunks], dim=1)
         latents, first = context, context.shape[1] - 1  # `first`: index of the first imagined step
         for h in range(chunks.shape[1]):
-            window = slice(max(0, first + h + 1 - self.history), first + h + 1)
+            window = slice(0 if self.window is None else max(0, first + h + 1 - self.window), first + h + 1)
             latents = torch.cat([latents, self.predict(latents[:, window], steps[:, window])[:, -1:]], dim=1)
         return latents[:, context.shape[1]:]
 

@@ -14,7 +14,7 @@ B batch, T time, D latent width.
 """
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -24,6 +24,7 @@ from leworld.codec import ActionCodec
 from leworld.models.base import WorldModel
 from leworld.nn.preprocess import normalize, resize, to_float
 from leworld.nn import Projector, build_backbone
+from leworld.nn.imagine import imagine
 from leworld.nn.predictor import Predictor
 from leworld.sigreg import SIGReg
 
@@ -40,8 +41,11 @@ class LeWorldModel(WorldModel):
         self.projector = Projector(self.backbone.feature_dim, list(cfg.encoder.projector.hidden), cfg.latent_dim)
         width = cfg.predictor.width
         self.action_encoder = nn.Sequential(nn.Linear(codec.block_dim, width), nn.SiLU(), nn.Linear(width, width))
+        positions = cfg.predictor.get("positions", "learned")  # checkpoints from before it: learned
         self.predictor = Predictor(cfg.latent_dim, width, cfg.predictor.depth, cfg.predictor.heads,
-                                   cfg.predictor.mlp_hidden, cfg.history, cfg.predictor.dropout)
+                                   cfg.predictor.mlp_hidden, cfg.history, cfg.predictor.dropout, positions)
+        if positions == "rotary":
+            self.window = None  # its attention keeps to `history` frames itself: rollouts show it every frame
         self.out_projector = Projector(width, list(cfg.predictor.projector.hidden), cfg.latent_dim)
         self.sigreg = SIGReg(cfg.sigreg.num_slices, cfg.sigreg.knots, cfg.sigreg.t_max)
         self.sigreg_weight = cfg.sigreg.weight
@@ -98,6 +102,20 @@ class LeWorldModel(WorldModel):
     def predict(self, latents: Tensor, chunks: Tensor) -> Tensor:
         """Latents (B, T, D) and the action chunk after each frame (B, T, fs·A) -> next latents (B, T, D)."""
         return self.out_projector(self.predictor(latents, self.action_encoder(chunks)))
+
+    def plan_cost(self, context: Tensor, goal: Tensor, plans: Tensor, context_chunks: Tensor | None = None) -> Tensor:
+        """WorldModel.plan_cost, the same costs with each thing computed once (leworld/nn/imagine.py).
+        In training mode (dropout on) the reference rollout runs."""
+        if self.training:
+            return super().plan_cost(context, goal, plans, context_chunks)
+        b, s = plans.shape[:2]
+        if context_chunks is None:
+            if context.shape[1] > 1:
+                raise LeworldError("rollout from several context frames needs the action chunks taken between them")
+            context_chunks = plans.new_zeros(b, 0, plans.shape[-1])
+        imagined = imagine(self.predictor, context, self.action_encoder(context_chunks), self.action_encoder(plans),
+                           self.out_projector)  # (B·S, H, D)
+        return rearrange(self.distance(imagined[:, -1], repeat(goal, "b d -> (b s) d", s=s)), "(b s) -> b s", b=b)
 
     def distance(self, latents: Tensor, target: Tensor) -> Tensor:
         """Squared L2 over the latent: (..., D) x (..., D) -> (...)."""

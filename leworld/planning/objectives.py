@@ -3,6 +3,7 @@ function once per solve (planners/mpc.py's Objective): a world model's latent di
 (LatentObjective), or, for the oracle, the simulator's own goal cost (SimulatorObjective). Both are
 made as Objective(model, goals, device, compile)."""
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,6 +12,7 @@ import torch
 from einops import rearrange
 
 import envs
+from leworld.models import WorldModel
 from leworld.runtime import autocast
 
 
@@ -30,12 +32,15 @@ class LatentObjective:
     that read proprioception get it (from the goals, and from the observed states by proprio_of);
     the others ignore it."""
 
-    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False):
-        """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change)."""
+    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False, reference: bool = False):
+        """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change);
+        reference: the straightforward rollout (WorldModel.plan_cost), not the model's own faster one."""
         self.model, self.device, self.proprio_of = model, device, goals.proprio_of
-        self.plan_cost = model.plan_cost
+        self.uncompiled_cost = functools.partial(WorldModel.plan_cost, model) if reference else model.plan_cost
+        self.plan_cost = self.uncompiled_cost
         if compile:
-            compiled = torch.compile(model.plan_cost, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            compiled = torch.compile(self.uncompiled_cost, dynamic=False,
+                                     mode="reduce-overhead" if device.type == "cuda" else None)
             # CUDA graphs write each call's output into the same memory: a planner may keep costs longer
             self.plan_cost = lambda *args: compiled(*args).clone()
         proprio = None if goals.proprio is None else goals.proprio[:, None]

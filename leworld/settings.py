@@ -49,7 +49,7 @@ PLANNERS = {
 }
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),
-            "batch": COUNT, "videos": (int, 0, None)}
+            "batch": COUNT, "videos": (int, 0, None), "cpu_rows_per_call": nullable(COUNT)}
 
 
 def model(model_cfg: DictConfig) -> dict:
@@ -121,7 +121,8 @@ BENCH = {"sigreg.n": (int, 2, None), "sigreg.m": COUNT, "sigreg.dim": COUNT, "si
          "sigreg.repeats": COUNT, "collect.image_sizes": IMAGE_SIZE, "collect.workers": COUNT, "collect.steps": COUNT,
          "sampler.episodes": COUNT, "sampler.frames": COUNT, "sampler.frameskip": COUNT, "sampler.batch_sizes": COUNT,
          "sampler.seconds": POSITIVE, "planning.environments": COUNT, "planning.context": COUNT,
-         "planning.horizon": COUNT, "planning.repeats": COUNT, **prefixed("planning.cem", PLANNERS["cem"]),
+         "planning.horizon": COUNT, "planning.repeats": COUNT, "planning.cpu_rows_per_call": nullable(COUNT),
+         **prefixed("planning.cem", PLANNERS["cem"]),
          "train.batch_size": nullable(COUNT), "train.warmup": (int, 0, None), "train.steps": COUNT,
          "train.repeats": COUNT, "train.peak_tflops": nullable(POSITIVE)}
 

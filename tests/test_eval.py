@@ -118,6 +118,11 @@ def test_latent_objective_encodes_context_and_goal_once_per_solve(trained):
     plans = torch.randn(2, 1, 3, 4)
     final = model.rollout(context, plans[:, 0], chunks)[:, -1]
     assert torch.allclose(cost(plans)[:, 0], (final - goal).square().sum(-1), rtol=1e-4)
+    # costed an environment at a time (a CPU's cache-sized calls), the same costs
+    one_at_a_time = LatentObjective(model, goals(pixels[:2]), torch.device("cpu"), rows_per_call=7)
+    plans = torch.randn(2, 7, 3, 4)
+    chunked = one_at_a_time.cost_fn({"pixels": np.stack([pixels[:3], pixels[3:6]])}, chunks, np.array([0, 1]))
+    torch.testing.assert_close(chunked(plans), cost(plans))
 
 
 def test_a_compiled_planning_cost_gives_the_eager_costs(trained):
@@ -129,7 +134,8 @@ def test_a_compiled_planning_cost_gives_the_eager_costs(trained):
     plans = torch.randn(2, 7, 2, 4, generator=torch.Generator().manual_seed(0))  # 2 imagined steps: a short compile
     assert torch.allclose(compiled(plans), eager(plans), rtol=1e-4, atol=1e-5)
     # python -m leworld.bench planning times the same objective compiled (its stage in the GPU results run)
-    spec = OmegaConf.create({"context": 3, "horizon": 2, "repeats": 1, "cem": {"samples": 7, "elites": 2, "iterations": 2}})
+    spec = OmegaConf.create({"context": 3, "horizon": 2, "repeats": 1, "cem": {"samples": 7, "elites": 2, "iterations": 2},
+                             "cpu_rows_per_call": 8})
     solve = PlanningSolve(model, spec, {}, 2, torch.device("cpu"))
     timed = solve.time([("reference", False), ("fast", True)])
     assert all(seconds > 0 and gflop > 0 for seconds, gflop in timed.values()) and solve.timed_as == "whole"

@@ -97,7 +97,11 @@ class PlanningSolve:
                                              "iterations": self.iterations})
 
     def objective(self, rollout: str, compiled: bool) -> LatentObjective:
-        return LatentObjective(self.model, self.goals, self.device, compile=compiled, reference=rollout == "reference")
+        """The reference: today's straightforward path, all rows at once; fast: as eval runs it."""
+        reference = rollout == "reference"
+        rows = None if reference or self.device.type != "cpu" else self.spec.cpu_rows_per_call
+        return LatentObjective(self.model, self.goals, self.device, compile=compiled, reference=reference,
+                               rows_per_call=rows)
 
     def time(self, variants: list[tuple[str, bool]]) -> dict[tuple[str, bool], tuple[float, float]]:
         """Each (rollout, compiled) variant's median seconds per solve and GFLOP per solve, the

@@ -32,10 +32,13 @@ class LatentObjective:
     that read proprioception get it (from the goals, and from the observed states by proprio_of);
     the others ignore it."""
 
-    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False, reference: bool = False):
+    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False, reference: bool = False,
+                 rows_per_call: int | None = None):
         """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change);
-        reference: the straightforward rollout (WorldModel.plan_cost), not the model's own faster one."""
-        self.model, self.device, self.proprio_of = model, device, goals.proprio_of
+        reference: the straightforward rollout (WorldModel.plan_cost), not the model's own faster one;
+        rows_per_call: cost the plans of as many environments at a time as make about this many
+        (environment, plan) rows, so that a CPU's intermediates stay in its caches (None: all at once)."""
+        self.model, self.device, self.proprio_of, self.rows = model, device, goals.proprio_of, rows_per_call
         self.uncompiled_cost = functools.partial(WorldModel.plan_cost, model) if reference else model.plan_cost
         self.plan_cost = self.uncompiled_cost
         if compile:
@@ -62,8 +65,11 @@ class LatentObjective:
         taken = None if chunks is None else chunks.to(self.device)
 
         def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            per_call = len(plans) if self.rows is None else max(1, self.rows // plans.shape[1])  # environments
             with autocast(self.device):
-                return self.plan_cost(context, goal, plans, taken).float()
+                return torch.cat([self.plan_cost(context[i:i + per_call], goal[i:i + per_call], plans[i:i + per_call],
+                                                 None if taken is None else taken[i:i + per_call]).float()
+                                  for i in range(0, len(plans), per_call)])
 
         return cost
 
@@ -73,9 +79,10 @@ class SimulatorObjective:
     of the environment (physics only, nothing drawn) and scored by the env's goal cost. Exact, and
     slow: it is the ceiling of what the planner and the protocol allow, not a model."""
 
-    def __init__(self, oracle, goals: Goals, device: torch.device | None = None, compile: bool = False):
+    def __init__(self, oracle, goals: Goals, device: torch.device | None = None, compile: bool = False,
+                 rows_per_call: int | None = None):
         """oracle: what it plans for (leworld.planning.oracle.Oracle: its env and action codec);
-        device and compile: as LatentObjective's, unused (the simulator runs on the CPU)."""
+        device, compile and rows_per_call: as LatentObjective's, unused (the simulator runs on the CPU)."""
         self.sim, self.goals, self.codec = envs.make(oracle.env.name, **oracle.env.kwargs), goals.states, oracle.codec
 
     def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):

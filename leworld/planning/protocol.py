@@ -80,7 +80,8 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
             env.reset(options={"state": start, "goal": goal})
         targets = Goals(pixels[goal_rows].numpy(), goals, dataset.tensors["proprio"][goal_rows].numpy() if has_proprio
                         else None, batch[0].proprio if has_proprio else None)
-        result = run_mpc(batch, objective(model, targets, device, protocol.get("compile", False)), planner,
+        result = run_mpc(batch, objective(model, targets, device, protocol.get("compile", False),
+                                          rows_per_call=rows_per_call(protocol, device)), planner,
                          model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
@@ -96,6 +97,12 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
         solve_seconds += result.solve_seconds
         frames += result.frames
     return results, solve_seconds, frames[:record]
+
+
+def rows_per_call(protocol: DictConfig, device: torch.device) -> int | None:
+    """How many (environment, plan) rows a cost call takes at a time: protocol.cpu_rows_per_call on
+    a CPU (whose caches it keeps intermediates in), all of them on a GPU (whose width they fill)."""
+    return protocol.get("cpu_rows_per_call") if device.type == "cpu" else None
 
 
 def summary(results: list[dict], solve_seconds: list[float]) -> dict:

@@ -75,7 +75,7 @@ def print_ratios(spec: DictConfig, variants: list[tuple], results: dict) -> None
             for variant in variants:
                 (t0, f0, _), (t1, f1, _) = (results[name, b, *variant] for name in spec.models)
                 print(f"{spec.models[1]} / {spec.models[0]} with {b} environments ({variant[0]}"
-                      f"{', compiled' if variant[1] else ''}): {t1 / t0:.0f}x the time per solve, {f1 / f0:.0f}x the FLOPs")
+                      f"{', compiled' if variant[1] else ''}): {t1 / t0:.3g}x the time per solve, {f1 / f0:.3g}x the FLOPs")
 
 
 class PlanningSolve:

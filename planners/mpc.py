@@ -37,15 +37,21 @@ class MPCResult:
     final_state: np.ndarray  # (B, S) state when stepping stopped
     solve_seconds: list[float]  # wall time of each solve (all active environments at once)
     frames: list[list[np.ndarray]] = field(default_factory=list)  # per environment, every frame, if recorded
+    first_plan: Tensor | None = None  # (B, H, fs·A) the plan of the first solve
+    first_costs: Tensor | None = None  # (B, 1 + P) its cost, then those of `compare`'s plans, by the first solve's cost
+    # per environment, the frame (and state) before the first plan and after each of its chunks stepped whole
+    first_frames: list[list[np.ndarray]] = field(default_factory=list)
+    first_states: list[list[np.ndarray]] = field(default_factory=list)
 
 
 def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor], np.ndarray], *, horizon: int,
             receding_horizon: int, budget: int, frameskip: int, history: int, record: bool = False,
-            synchronize: Callable[[], None] = lambda: None) -> MPCResult:
+            synchronize: Callable[[], None] = lambda: None, compare: Tensor | None = None) -> MPCResult:
     """Run B environments (already reset to their starts and goals, observations in envs' last
     frames) under MPC. to_env: chunks (B, k, fs·A) -> raw actions (B, k·fs, A). history: frames the
     objective is shown (the last ones, one per chunk). synchronize: waits for an accelerator, so
-    that solve times are real."""
+    that solve times are real. compare: plans (B, P, H, fs·A) that the first solve's cost function
+    scores beside the plan it chose (untimed), e.g. the recorded actions that reach each goal."""
     if not 0 < receding_horizon <= horizon:
         raise ValueError(f"receding_horizon must be in 1..horizon={horizon}, got {receding_horizon}")
     b = len(envs)
@@ -71,7 +77,7 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
             states[i].append(info["state"])
             chunks[i].append(planned[k].cpu())
 
-    solve_seconds, plan = [], None
+    solve_seconds, plan, first = [], None, {}
     while (active := np.flatnonzero(~success & (steps < budget))).size:
         seen = min(history, *(len(pixels[i]) for i in active))  # frames shown to the objective
         observed = {"pixels": np.stack([pixels[i][-seen:] for i in active]),
@@ -92,8 +98,18 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
         raw = to_env(executed)  # (b, k·fs, A)
         for row, i in enumerate(active):
             execute(i, raw[row], executed[row])
+        first = first or first_solve(cost_fn, new_plan, compare, pixels, states)
     final_state = np.stack([env.get_state() for env in envs])
-    return MPCResult(success, steps, final_state, solve_seconds, frames)
+    return MPCResult(success, steps, final_state, solve_seconds, frames, **first)
+
+
+def first_solve(cost_fn: CostFn, plan: Tensor, compare: Tensor | None, pixels: list, states: list) -> dict:
+    """What a failure anatomy needs of the first solve (every environment): its plan, its cost and
+    the costs of `compare`'s plans by the same cost function, and what stepping the plan showed."""
+    with torch.no_grad():
+        costs = None if compare is None else cost_fn(torch.cat([plan[:, None], compare.to(plan)], dim=1)).cpu()
+    return {"first_plan": plan, "first_costs": costs, "first_frames": [list(p) for p in pixels],
+            "first_states": [list(s) for s in states]}
 
 
 def shift(plan: Tensor, executed: int) -> Tensor:

@@ -73,6 +73,24 @@ class LatentObjective:
 
         return cost
 
+    @torch.no_grad()
+    def open_loop(self, observed: dict, plans: torch.Tensor, index: np.ndarray) -> dict[str, np.ndarray]:
+        """What the model imagined of executed plans against what the simulator then showed.
+        observed: {"pixels": (b, K + 1, H, W, 3), "state": (b, K + 1, S)}, the frame before the plan and
+        one after each of its K chunks; plans (b, K, fs·A). -> in the model's distance, per chunk: the
+        imagined latent's to the seen one ("error", (b, K)) and the seen one's to the start's
+        ("moved", (b, K): what "nothing changes" would get wrong); and the seen end's cost to the
+        goal ("achieved", (b,)), beside which the plan's cost is what the model expected."""
+        proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])
+        seen = self.encode(observed["pixels"], proprio)  # (b, K + 1, *L)
+        with autocast(self.device):
+            imagined = self.model.rollout(seen[:, :1], plans.to(self.device)).float()  # (b, K, *L)
+        start = seen[:, :1].expand_as(seen[:, 1:])
+        goal = self.goals[torch.as_tensor(index, device=self.device)]
+        return {"error": self.model.distance(imagined, seen[:, 1:]).cpu().numpy(),
+                "moved": self.model.distance(start, seen[:, 1:]).cpu().numpy(),
+                "achieved": self.model.distance(seen[:, -1], goal).cpu().numpy()}
+
 
 class SimulatorObjective:
     """The oracle's planning cost: each candidate plan simulated from the observed state in a copy

@@ -14,6 +14,7 @@ import envs
 from leworld import LeworldError
 from leworld.codec import ActionCodec
 from leworld.dataset import EpisodeDataset
+from leworld.planning.anatomy import counts, explain, recorded_plans
 from leworld.planning.objectives import Goals, LatentObjective
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
@@ -59,11 +60,12 @@ def sample_tasks(dataset: EpisodeDataset, episodes: np.ndarray, count: int, offs
 
 
 def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: DictConfig, protocol: DictConfig,
-                 seed: int, device: torch.device, record: int = 0,
-                 objective=LatentObjective) -> tuple[list[dict], list[float], list]:
+                 seed: int, device: torch.device, record: int = 0, objective=LatentObjective,
+                 anatomy: bool = True) -> tuple[list[dict], list[float], list]:
     """Plan from the given start rows, `protocol.batch` environments at a time. model: a world model
     (or the oracle, with objective=SimulatorObjective); objective: what the planner minimises, made
-    as objective(model, goals, device, compile) for each batch.
+    as objective(model, goals, device, compile) for each batch; anatomy: class each failure
+    (leworld/planning/anatomy.py) where the goal is one plan away.
     -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
     planner = make_planner(planner_cfg, model.codec, seed, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -80,20 +82,23 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
             env.reset(options={"state": start, "goal": goal})
         targets = Goals(pixels[goal_rows].numpy(), goals, dataset.tensors["proprio"][goal_rows].numpy() if has_proprio
                         else None, batch[0].proprio if has_proprio else None)
-        result = run_mpc(batch, objective(model, targets, device, protocol.get("compile", False),
-                                          rows_per_call=rows_per_call(protocol, device)), planner,
-                         model.codec.to_env, horizon=protocol.horizon,
+        costs = objective(model, targets, device, protocol.get("compile", False),
+                          rows_per_call=rows_per_call(protocol, device))
+        recorded = recorded_plans(dataset.tensors["action"], batch_rows, model.codec, protocol.horizon,
+                                  protocol.goal_offset) if anatomy else None
+        result = run_mpc(batch, costs, planner, model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
-                         synchronize=synchronize)
+                         synchronize=synchronize, compare=recorded)
         for env in batch:
             env.close()
-        for i, row in enumerate(batch_rows):
-            results.append({"episode": first + i, "seed": seed, "dataset_row": int(row),
-                            "success": bool(result.success[i]), "steps": int(result.steps[i]),
-                            "start_success": bool(batch[i].success(starts[i], goals[i])),
-                            "final_distance": batch[i].distance(result.final_state[i], goals[i]),
-                            "final_state": result.final_state[i].tolist()})
+        episodes = [{"episode": first + i, "seed": seed, "dataset_row": int(row), "success": bool(result.success[i]),
+                     "steps": int(result.steps[i]), "start_success": bool(batch[i].success(starts[i], goals[i])),
+                     "final_distance": batch[i].distance(result.final_state[i], goals[i]),
+                     "final_state": result.final_state[i].tolist()} for i, row in enumerate(batch_rows)]
+        if recorded is not None:
+            explain(episodes, result, costs, model.env, starts, goals, recorded, model.codec, np.arange(len(batch)))
+        results += episodes
         solve_seconds += result.solve_seconds
         frames += result.frames
     return results, solve_seconds, frames[:record]
@@ -112,4 +117,19 @@ def summary(results: list[dict], solve_seconds: list[float]) -> dict:
             "median_final_distance": float(np.median([r["final_distance"] for r in results])),
             "start_success_rate": float(np.mean([r["start_success"] for r in results])),
             "episodes": len(results), "solves": len(solve_seconds),
-            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0}
+            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0} | failure_summary(results)
+
+
+def failure_summary(results: list[dict]) -> dict:
+    """The failures' classes (leworld/planning/anatomy.py) and, over failed episodes, the medians of
+    the first solve's costs and of the chosen plan's open-loop error at its last chunk. {} where
+    nothing was classed."""
+    if (classes := counts(results)) is None:
+        return {}
+    failed = [r for r in results if r["failure"]]
+    medians = {key: float(np.median([r[key] for r in failed]))
+               for key in ("plan_cost", "recorded_cost", "achieved_cost") if failed and all(key in r for r in failed)}
+    if failed and all("open_loop_error" in r for r in failed):
+        medians |= {"open_loop_error": float(np.median([r["open_loop_error"][-1] for r in failed])),
+                    "moved": float(np.median([r["moved"][-1] for r in failed]))}
+    return {"failures": classes, "failed_medians": medians}

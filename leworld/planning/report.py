@@ -52,10 +52,11 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
           f"{report['planner']['median_final_distance']:.3g}; median planning time "
           f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments; "
           f"{100 * report['planner']['start_success_rate']:.0f}% of the starts already met their goal")
+    print_anatomy(report["planner"])
     rows_out = {"planner": results}
     if protocol.random_baseline:
         floor, _, _ = run_protocol(model, dataset, rows, OmegaConf.create({"name": "random_actions"}), protocol, seed, device,
-                                   objective=objective)
+                                   objective=objective, anatomy=False)
         report["random"] = summary(floor, [])
         rows_out["random"] = floor
         print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
@@ -70,6 +71,23 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
                                                    "videos": videos}, indent=1))
     print(f"saved {out_dir / 'eval.json'} and {len(videos)} videos")
     return report | {"out_dir": str(out_dir)}
+
+
+def print_anatomy(summary: dict) -> None:
+    """One line of why the failures failed (leworld/planning/anatomy.py), one of the medians behind it."""
+    if "failures" not in summary:
+        return
+    classes, medians = summary["failures"], summary["failed_medians"]
+    print(f"failures: {sum(classes.values())} of {summary['episodes']}: "
+          + ", ".join(f"{name} {count}" for name, count in classes.items())
+          + " (search: the recorded actions cost less than the chosen plan; model: the chosen plan cost less and failed)")
+    if medians:
+        line = (f"  failed episodes, medians: first solve's cost of the chosen plan {medians['plan_cost']:.3g}, "
+                f"of the recorded actions {medians['recorded_cost']:.3g}")
+        if "open_loop_error" in medians:
+            line += (f"; the chosen plan's end: achieved cost {medians['achieved_cost']:.3g}, open-loop error "
+                     f"{medians['open_loop_error']:.3g} (nothing changes: {medians['moved']:.3g})")
+        print(line)
 
 
 def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder: Path, count: int) -> list[str]:

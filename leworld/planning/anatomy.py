@@ -55,11 +55,19 @@ def classify(success: np.ndarray, chosen_cost: np.ndarray, recorded_cost: np.nda
             for done, chosen, recorded, reached in zip(success, chosen_cost, recorded_cost, reaches)]
 
 
-def counts(results: list[dict]) -> dict[str, int] | None:
-    """How many failures of each class the episode rows hold; None where none was classed."""
+def failure_summary(results: list[dict]) -> dict:
+    """The failures' classes and, over failed episodes, the medians of the first solve's costs and of
+    the chosen plan's open-loop error at its last chunk. {} where nothing was classed."""
     if not any("failure" in r for r in results):
-        return None
-    return {name: sum(r.get("failure") == name for r in results) for name in CLASSES}
+        return {}
+    failed = [r for r in results if r["failure"]]
+    medians = {key: float(np.median([r[key] for r in failed]))
+               for key in ("plan_cost", "recorded_cost", "achieved_cost") if failed and all(key in r for r in failed)}
+    if failed and all("open_loop_error" in r for r in failed):
+        medians |= {"open_loop_error": float(np.median([r["open_loop_error"][-1] for r in failed])),
+                    "moved": float(np.median([r["moved"][-1] for r in failed]))}
+    return {"failures": {name: sum(r.get("failure") == name for r in results) for name in CLASSES},
+            "failed_medians": medians}
 
 
 def explain(rows: list[dict], result, objective, env, starts: np.ndarray, goals: np.ndarray, recorded: torch.Tensor,

@@ -14,7 +14,7 @@ import envs
 from leworld import LeworldError
 from leworld.codec import ActionCodec
 from leworld.dataset import EpisodeDataset
-from leworld.planning.anatomy import counts, explain, recorded_plans
+from leworld.planning.anatomy import explain, failure_summary, recorded_plans
 from leworld.planning.objectives import Goals, LatentObjective
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
@@ -119,17 +119,3 @@ def summary(results: list[dict], solve_seconds: list[float]) -> dict:
             "episodes": len(results), "solves": len(solve_seconds),
             "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0} | failure_summary(results)
 
-
-def failure_summary(results: list[dict]) -> dict:
-    """The failures' classes (leworld/planning/anatomy.py) and, over failed episodes, the medians of
-    the first solve's costs and of the chosen plan's open-loop error at its last chunk. {} where
-    nothing was classed."""
-    if (classes := counts(results)) is None:
-        return {}
-    failed = [r for r in results if r["failure"]]
-    medians = {key: float(np.median([r[key] for r in failed]))
-               for key in ("plan_cost", "recorded_cost", "achieved_cost") if failed and all(key in r for r in failed)}
-    if failed and all("open_loop_error" in r for r in failed):
-        medians |= {"open_loop_error": float(np.median([r["open_loop_error"][-1] for r in failed])),
-                    "moved": float(np.median([r["moved"][-1] for r in failed]))}
-    return {"failures": classes, "failed_medians": medians}

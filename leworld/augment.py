@@ -148,3 +148,17 @@ class MultiCrop:
             return global_views, None
         local_views = torch.stack([self.view(x, spec_l.size, spec_l.scale, g) for _ in range(spec_l.count)])
         return global_views, local_views
+
+
+def shift_clips(clips: Tensor, pad: int, g: torch.Generator | None = None) -> Tensor:
+    """DrQ's random shift, one per clip: each clip (B, T, C, H, W) moved by up to `pad` pixels in x and
+    y, the edge pixels repeated where the frame slides in (what padding by `pad` and cropping back does).
+    Every frame of a clip moves alike, so the motion between its frames is the clip's own. Any dtype:
+    it only indexes."""
+    b, _, _, height, width = clips.shape
+    dy, dx = (torch.randint(-pad, pad + 1, (2, b, 1), generator=g, device=clips.device))
+    rows = (torch.arange(height, device=clips.device) + dy).clamp(0, height - 1)  # (B, H)
+    cols = (torch.arange(width, device=clips.device) + dx).clamp(0, width - 1)  # (B, W)
+    batch = torch.arange(b, device=clips.device)[:, None, None]
+    shifted = clips[batch, :, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: (B, H, W, T, C)
+    return rearrange(shifted, "b h w t c -> b t c h w")

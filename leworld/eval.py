@@ -7,6 +7,7 @@ into out_dir. The oracle plans on the tasks a default training run of that env i
 """
 
 import datetime
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,8 @@ from leworld import LeworldError, settings
 from leworld.checkpoint import resolve_path
 from leworld.dataset import EpisodeDataset
 from leworld.models import EnvSpec, load_world_model, open_dataset
-from leworld.planning import Oracle, SimulatorObjective, check_protocol, evaluate, make_planner
+from leworld.planning import LatentObjective, Oracle, SimulatorObjective, check_protocol, evaluate, make_planner
+from leworld.prior import load_prior
 from leworld.runtime import check_values, load_config, pick_device, run_main
 
 
@@ -44,8 +46,12 @@ def run_eval(cfg: DictConfig) -> dict:
         raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
     dataset = open_dataset(model, cfg.data_path)
     make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
-    out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{cfg.planner.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
-    return evaluate(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir, {"ckpt": str(path)})
+    with_prior = cfg.prior or cfg.planner.name == "prior"
+    prior = load_prior(path, model, device) if with_prior else None
+    name = f"{cfg.planner.name}{'-prior' if with_prior and cfg.planner.name != 'prior' else ''}"
+    out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+    return evaluate(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
+                    {"ckpt": str(path), "prior": with_prior}, objective=functools.partial(LatentObjective, prior=prior))
 
 
 def oracle(cfg: DictConfig) -> tuple[Oracle, EpisodeDataset]:

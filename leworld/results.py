@@ -98,8 +98,9 @@ def results_run(cfg: DictConfig) -> dict:
     if cfg.size not in cfg.sizes:
         raise LeworldError(f"size={cfg.size} is not one of: {', '.join(cfg.sizes)}")
     stages = cfg.sizes[cfg.size]
-    train_args = [*stages.train, f"train.minutes={cfg.minutes}", f"device={cfg.device}", "logger=none",
-                  f"run_dir={Path(out_path) / 'train'}"]
+    # the minutes alone bound the run: its preset's epochs would stop a fast card early
+    train_args = [*stages.train, f"train.minutes={cfg.minutes}", "train.epochs=1000", f"device={cfg.device}",
+                  "logger=none", f"run_dir={Path(out_path) / 'train'}"]
     train_cfg = load_config("train", train_args)  # a bad override fails here, before anything is made
     bench_args = {name: [*stages[name], f"device={cfg.device}"]
                   for name in ("bench_train", "bench_planning", "bench_planning_compiled") if stages[name]}

@@ -11,6 +11,7 @@ checks that every numeric value of every config has a rule here.
 
 from omegaconf import DictConfig, OmegaConf
 
+from leworld.nn.convnet import HEADS, STEMS
 from leworld.nn.predictor import POSITIONS
 from leworld.runtime import MAX_IMAGE_SIZE, Above, nullable, prefixed
 
@@ -22,18 +23,19 @@ IMAGE_SIZE = (int, 8, MAX_IMAGE_SIZE)
 ENV = {"kwargs.image_size": IMAGE_SIZE, "episode_length": COUNT, "expert_fraction": FRACTION,
        **{f"scale.{scale}.{key}": rule for scale in ("cpu", "gpu")
           for key, rule in (("episodes", COUNT), ("image_size", IMAGE_SIZE))}}
-SIGREG = {"num_slices": COUNT, "knots": (int, 2, None), "t_max": POSITIVE}
+SIGREG = {"num_slices": COUNT, "knots": (int, 2, None), "t_max": POSITIVE, "subspaces": (int, 0, None)}
 BACKBONES = {
     "vit": {"image_size": IMAGE_SIZE, "patch_size": COUNT, "dim": COUNT, "depth": COUNT, "heads": COUNT,
             "mlp_ratio": POSITIVE, "layer_scale": nullable(POSITIVE), "registers": (int, 0, None)},
-    "convnet": {"widths": COUNT, "depths": COUNT},
+    "convnet": {"widths": COUNT, "depths": COUNT, "stem": (str, STEMS), "head": (str, HEADS), "keypoints": COUNT,
+                "grid": COUNT},
 }
 MODELS = {
     "lewm": {"image_size": IMAGE_SIZE, "history": COUNT, "frameskip": COUNT, "latent_dim": COUNT,
              "encoder.projector.hidden": COUNT, "predictor.width": COUNT, "predictor.depth": COUNT,
              "predictor.heads": COUNT, "predictor.mlp_hidden": COUNT, "predictor.dropout": (float, 0, 0.99),
              "predictor.projector.hidden": COUNT, "predictor.rollout_steps": COUNT, "sigreg.weight": (float, 0, None),
-             "predictor.positions": (str, POSITIONS),
+             "predictor.positions": (str, POSITIONS), "encoder.shift": (int, 0, 32),
              **prefixed("sigreg", SIGREG)},
     "dinowm": {"image_size": IMAGE_SIZE, "history": COUNT, "frameskip": COUNT, "encoder.heads": nullable(COUNT),
                "predictor.depth": COUNT, "predictor.heads": COUNT, "predictor.head_dim": COUNT,
@@ -46,6 +48,7 @@ PLANNERS = {
              "min_std": POSITIVE, "max_std": POSITIVE},
     "gradient": {"restarts": COUNT, "steps": COUNT, "lr": POSITIVE, "std": (float, 0, None)},
     "random_actions": {},
+    "prior": {},
 }
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),
@@ -90,6 +93,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 PROBE_VERB = prefixed("probe", PROBE)
+PRIOR = {"hidden": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1), "weight_decay": (float, 0, 1),
+         "dropout": (float, 0, 0.99), "check_every": COUNT, "check_fraction": (float, Above(0), 0.5)}
+PRIOR_VERB = {"seed": SEED, **prefixed("prior", PRIOR), **prefixed("protocol", PROTOCOL)}
 
 PRETRAIN_DATA = {"shapes": {"per_class": COUNT, "size": IMAGE_SIZE, "seed": SEED}, "folder": {"resize": nullable(IMAGE_SIZE)},
                  "array": {}, "dataset": {}}

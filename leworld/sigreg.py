@@ -8,12 +8,19 @@ characteristic function ψ_N(t) = mean_j exp(i t x_j) and the Gaussian one φ(t)
 
 The integrand is even in t, so it is integrated on [0, t_max] with trapezoid weights doubled. A
 standard normal sample scores ≈ 1.06 (the floor, never 0); a collapsed one ≈ 0.4·N.
+
+With `subspaces` = S > 0 (Sub-JEPA, arXiv 2605.09241) the latent is cut into S subspaces of D/S
+dimensions by a frozen random rotation, and each direction lies in one of them: the slices test the
+small marginals densely instead of the whole space thinly. It is the same statistic on directions
+drawn differently, so its value, gradient and data-parallel exactness are those above.
 """
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
+
+from leworld import LeworldError
 
 
 def quadrature(knots: int, t_max: float, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,11 +104,20 @@ class SIGReg(nn.Module):
     ones it would have drawn. In eval mode the step does not advance, so evaluation is repeatable.
     """
 
-    def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0, seed: int = 0):
+    def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0, seed: int = 0, subspaces: int = 0):
         super().__init__()
         self.num_slices, self.knots, self.t_max, self.seed = num_slices, knots, t_max, seed
+        self.subspaces, self._rotation = subspaces, None
+        if subspaces and num_slices % subspaces:
+            raise LeworldError(f"SIGReg in {subspaces} subspaces needs the slices ({num_slices}) to be a multiple of it; "
+                               "change sigreg.subspaces or sigreg.num_slices")
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._step = 0  # host copy of `step`: reading the buffer on a GPU would sync every call
+
+    def check_width(self, dim: int) -> None:
+        if self.subspaces and dim % self.subspaces:
+            raise LeworldError(f"SIGReg in {self.subspaces} subspaces needs the latent width ({dim}) to be a multiple "
+                               "of it; change sigreg.subspaces or the latent width")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -110,8 +126,23 @@ class SIGReg(nn.Module):
     def directions(self, dim: int, device) -> Tensor:
         """(D, M) unit-norm directions for the current step."""
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self._step)
-        a = torch.randn(dim, self.num_slices, generator=generator, device=device)
-        return a / a.norm(dim=0, keepdim=True)
+        if not self.subspaces:
+            a = torch.randn(dim, self.num_slices, generator=generator, device=device)
+            return a / a.norm(dim=0, keepdim=True)
+        self.check_width(dim)
+        width, per = dim // self.subspaces, self.num_slices // self.subspaces
+        a = torch.randn(self.subspaces, width, per, generator=generator, device=device)
+        a = a / a.norm(dim=1, keepdim=True)  # (S, D/S, M/S): unit directions inside each subspace
+        return self.rotation(dim, device) @ torch.block_diag(*a)  # block s of the M columns lies in subspace s
+
+    def rotation(self, dim: int, device) -> Tensor:
+        """(D, D) orthogonal: its columns, in S groups of D/S, span the subspaces. Drawn from the seed
+        alone, so it is frozen through training and the same in every process and every resume."""
+        if self._rotation is None or self._rotation.shape[0] != dim or self._rotation.device != torch.device(device):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+            q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+            self._rotation = (q * r.diagonal().sign()).to(device, torch.float32)  # signs fixed: Haar-distributed
+        return self._rotation
 
     @torch.compiler.disable
     def _next_directions(self, dim: int, device) -> Tensor:
@@ -130,4 +161,5 @@ class SIGReg(nn.Module):
             return epps_pulley(slices, self.knots, self.t_max).mean()
 
     def extra_repr(self) -> str:
-        return f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}"
+        subspaces = f", subspaces={self.subspaces}" if self.subspaces else ""
+        return f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}{subspaces}"

@@ -9,9 +9,10 @@ from planners.base import Bounds, CostFn, GaussianPlanner, Planner
 from planners.cem import CEM
 from planners.gradient import GradientPlanner
 from planners.mppi import MPPI
+from planners.prior import PriorPlan
 from planners.random_actions import RandomActions
 
-PLANNERS = {"cem": CEM, "mppi": MPPI, "gradient": GradientPlanner, "random_actions": RandomActions}
+PLANNERS = {"cem": CEM, "mppi": MPPI, "gradient": GradientPlanner, "random_actions": RandomActions, "prior": PriorPlan}
 
 __all__ = ["CEM", "MPPI", "PLANNERS", "Bounds", "CostFn", "GaussianPlanner", "GradientPlanner", "Planner",
-           "RandomActions"]
+           "PriorPlan", "RandomActions"]

@@ -29,6 +29,9 @@ class Objective(Protocol):
         None when T = 1.
         -> the cost of plans (b, S, H, fs·A) for those environments."""
 
+    # Optional: propose(observed, index) -> a plan (b, H, fs·A) for the planner to start from (a
+    # policy prior's) or None; an objective without it leaves the planner its usual start.
+
 
 @dataclass
 class MPCResult:
@@ -86,7 +89,8 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
         synchronize()
         start = time.perf_counter()
         cost_fn = objective.cost_fn(observed, taken, active)
-        warm = None if plan is None else shift(plan[active], receding_horizon)
+        proposed = objective.propose(observed, active) if hasattr(objective, "propose") else None
+        warm = proposed if proposed is not None else None if plan is None else shift(plan[active], receding_horizon)
         new_plan = planner.plan(cost_fn, len(active), horizon, init=warm).detach()  # (b, H, fs·A)
         synchronize()
         solve_seconds.append(time.perf_counter() - start)

@@ -3,7 +3,7 @@
 import torch
 
 from leworld.augment import (MultiCrop, color_jitter, gaussian_blur, grayscale, normalize,
-                             random_resized_crop, to_float)
+                             random_resized_crop, shift_clips, to_float)
 from leworld.runtime import load_config
 
 
@@ -74,3 +74,26 @@ def test_multicrop_shapes_normalisation_and_determinism():
     low, high = normalize(torch.zeros(1, 3, 1, 1)).min(), normalize(torch.ones(1, 3, 1, 1)).max()
     assert global_views.min() >= low - 1e-4 and global_views.max() <= high + 1e-4
     assert to_float(batch).max() <= 1.0
+
+
+def test_shift_moves_every_frame_of_a_clip_alike_by_at_most_pad():
+    b, t, size, pad = 64, 3, 16, 2
+    clips = torch.zeros(b, t, 3, size, size, dtype=torch.uint8)
+    clips[:, :, :, 8, 8] = 200  # one bright pixel in the middle of every frame
+    clips += torch.arange(t, dtype=torch.uint8)[None, :, None, None, None]  # frames told apart by their level
+    shifted = shift_clips(clips, pad, gen())
+    assert shifted.shape == clips.shape and shifted.dtype == torch.uint8
+    torch.testing.assert_close(shifted - shifted[:, :1], clips - clips[:, :1])  # the same shift for every frame
+    where = (shifted[:, 0, 0] >= 200).nonzero()  # (b, 2): the bright pixel's row and column in each clip
+    assert len(where) == b
+    moves = where[:, 1:] - 8
+    assert moves.abs().max() <= pad and len(set(map(tuple, moves.tolist()))) > 10  # many different shifts
+    assert shift_clips(clips, 0, gen()).equal(clips)
+
+
+def test_shift_repeats_the_edge_where_the_frame_slides_in():
+    clips = torch.arange(8, dtype=torch.float32).repeat(8, 1)[None, None, None].expand(32, 1, 1, 8, 8)  # x ramp
+    shifted = shift_clips(clips, 3, gen(2))[:, 0, 0]  # (32, 8, 8)
+    steps = shifted.diff(dim=-1)
+    assert set(steps.unique().tolist()) <= {0.0, 1.0}  # the ramp, or a repeated edge column
+    assert shifted.min() == 0 and shifted.max() == 7

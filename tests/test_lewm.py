@@ -150,3 +150,16 @@ def test_loading_a_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {}, kind="pretrain")
     with pytest.raises(LeworldError, match="not a world model"):
         load_world_model(tmp_path / "other.safetensors")
+
+
+def test_shift_augments_training_only():
+    torch.manual_seed(0)
+    shifted = LeWorldModel({**TINY, "encoder": {**TINY["encoder"], "shift": 3}}, codec())
+    plain = LeWorldModel(TINY, codec())
+    plain.load_state_dict(shifted.state_dict())
+    batch = {"pixels": torch.randint(0, 255, (4, 4, 3, 32, 32), dtype=torch.uint8), "actions": torch.randn(4, 4, 4)}
+    shifted.eval(), plain.eval()
+    torch.testing.assert_close(shifted.loss(batch)["pred"], plain.loss(batch)["pred"])  # evaluation sees the frames as they are
+    shifted.train(), plain.train()
+    torch.manual_seed(1)
+    assert shifted.loss(batch)["pred"].item() != plain.loss(batch)["pred"].item()

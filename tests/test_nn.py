@@ -5,6 +5,7 @@ import torch
 
 from leworld import LeworldError
 from leworld.nn import ConvNet, Projector, ViT, build_backbone
+from leworld.nn.convnet import SpatialSoftmax, coordinate_channels
 from leworld.runtime import load_config
 
 
@@ -48,11 +49,32 @@ def test_vit_rejects_sizes_that_are_not_multiples_of_the_patch():
         ViT(image_size=100, patch_size=14)
 
 
-@pytest.mark.parametrize("stem, size", [("small", 16), ("small", 32), ("imagenet", 64)])
-def test_convnet_pools_any_size(stem, size):
-    net = ConvNet(widths=(8, 16), depths=(1, 1), stem=stem).eval()
-    assert net.feature_dim == 16
-    assert net(torch.randn(2, 3, size, size)).shape == (2, 16)
+@pytest.mark.parametrize("stem, size", [("small", 16), ("small", 32), ("imagenet", 64), ("stride2", 64)])
+@pytest.mark.parametrize("head, features", [("average", 16), ("keypoints", 10), ("flatten", 64)])
+def test_convnet_pools_any_size(stem, size, head, features):
+    net = ConvNet(widths=(8, 16), depths=(1, 1), stem=stem, head=head, keypoints=5, grid=2, coords=True).eval()
+    assert net.feature_dim == features
+    assert net(torch.randn(2, 3, size, size)).shape == (2, features)
+
+
+def test_keypoints_are_where_the_map_is_hot_and_coordinates_are_pixel_positions():
+    head = SpatialSoftmax(in_width=1, keypoints=1)
+    with torch.no_grad():
+        head.attention.weight.fill_(50.0), head.attention.bias.zero_()
+    features = torch.zeros(1, 1, 4, 5)
+    features[0, 0, 1, 3] = 1.0  # row 1 of 4, column 3 of 5
+    x, y = head(features)[0].tolist()
+    assert x == pytest.approx(0.5, abs=1e-3) and y == pytest.approx(-1 / 3, abs=1e-3)  # linspace(-1, 1) positions
+    grid = coordinate_channels(torch.zeros(2, 3, 4, 5))
+    assert grid.shape == (2, 5, 4, 5)
+    assert grid[0, 3, 0].tolist() == pytest.approx([-1, -0.5, 0, 0.5, 1]) and grid[1, 4, :, 0].tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+
+
+def test_convnet_refuses_an_unknown_stem_or_head():
+    with pytest.raises(LeworldError, match="the stem is one of imagenet, stride2, small"):
+        ConvNet(stem="huge")
+    with pytest.raises(LeworldError, match="head one of average, keypoints, flatten"):
+        ConvNet(head="max")
 
 
 def test_projector_takes_batch_norm_over_all_leading_dims():

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from leworld import LeworldError
 from leworld.sigreg import SIGReg, epps_pulley
 
 
@@ -207,26 +208,27 @@ def _model():
     return nn.Linear(DIM, DIM)
 
 
-def _worker(rank, world, init_file, rows, out):
+def _worker(rank, world, init_file, rows, subspaces, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     z = _data().split(list(rows))[rank].clone().requires_grad_()
     model = DistributedDataParallel(_model())
-    value = SIGReg(num_slices=64)(model(z))
+    value = SIGReg(num_slices=64, subspaces=subspaces)(model(z))
     value.backward()  # DDP averages the parameter gradients over the processes
     out[rank] = {"value": value.item(), "weight_grad": model.module.weight.grad.clone(), "z_grad": z.grad.clone()}
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rows", [(40, 40), (48, 32)], ids=["equal", "unequal"])
-def test_exact_under_data_parallelism(tmp_path, rows):
+@pytest.mark.parametrize("rows, subspaces", [((40, 40), 0), ((48, 32), 0), ((48, 32), 4)],
+                         ids=["equal", "unequal", "unequal-subspaces"])
+def test_exact_under_data_parallelism(tmp_path, rows, subspaces):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(2, tmp_path / "init", rows, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, tmp_path / "init", rows, subspaces, out), nprocs=2, join=True)
         out = dict(out)
 
     z = _data().requires_grad_()
     model = _model()
-    value = SIGReg(num_slices=64)(model(z))
+    value = SIGReg(num_slices=64, subspaces=subspaces)(model(z))
     value.backward()
 
     for rank in range(2):
@@ -252,3 +254,38 @@ def test_a_compiled_training_step_draws_new_directions_without_recompiling():
         for _ in range(3):
             assert torch.allclose(compiled(z), eager(z).square(), rtol=1e-5)
     assert sigreg._step == eager._step == 4 and int(sigreg.step) == 4
+
+
+# ---- SIGReg in subspaces (Sub-JEPA) ----
+
+def test_subspace_directions_lie_in_frozen_orthogonal_subspaces():
+    sigreg = SIGReg(num_slices=24, subspaces=4)
+    first = sigreg.directions(12, "cpu")
+    rotation = sigreg.rotation(12, "cpu")
+    torch.testing.assert_close(rotation.T @ rotation, torch.eye(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(first.norm(dim=0), torch.ones(24))
+    # in the rotated frame, the 6 slices of group s have coordinates only in dimensions 3s..3s+2
+    coords = (rotation.T @ first).abs() > 1e-5  # (12, 24)
+    owner = torch.arange(12)[:, None] // 3 == torch.arange(24)[None] // 6
+    assert coords[~owner].sum() == 0 and coords[owner].float().mean() > 0.99
+    sigreg(torch.randn(50, 12))  # one training step: new directions, the same subspaces
+    second = sigreg.directions(12, "cpu")
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(sigreg.rotation(12, "cpu"), rotation)
+    assert not ((rotation.T @ second).abs() > 1e-5)[~owner].any()
+
+
+def test_subspace_value_is_epps_pulley_of_its_slices_and_gradchecks():
+    sigreg = SIGReg(num_slices=8, subspaces=2).eval()
+    z = slices(40, 6, seed=21).double()
+    expected = epps_pulley(z @ sigreg.directions(6, "cpu").double()).mean()
+    assert sigreg(z).item() == pytest.approx(expected.item(), rel=1e-9)
+    assert torch.autograd.gradcheck(sigreg, (slices(10, 4, seed=22).double().requires_grad_(),))
+    assert SIGReg(num_slices=256, subspaces=8)(torch.randn(4096, 32)).item() == pytest.approx(1.06, abs=0.15)
+
+
+def test_subspaces_that_do_not_divide_are_one_line():
+    with pytest.raises(LeworldError, match="slices \\(30\\) to be a multiple"):
+        SIGReg(num_slices=30, subspaces=4)
+    with pytest.raises(LeworldError, match="latent width \\(10\\) to be a multiple"):
+        SIGReg(num_slices=32, subspaces=4)(torch.randn(20, 10))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from leworld.models import load_world_model, open_dataset
 from leworld.models.lewm import LeWorldModel
 from leworld.runtime import CONFIG_DIR, load_config, run_main
 from leworld.train import train
-from leworld.training.loop import held_out_batches, recalibrate_batchnorm, validate
+from leworld.training.loop import TimeBudget, held_out_batches, recalibrate_batchnorm, validate
 from conftest import TINY_RUN, child_pids, run, run_process
 
 
@@ -67,6 +68,14 @@ def test_a_time_budget_sizes_the_run_from_its_speed_and_finishes_its_schedule(da
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == steps and last["lr"] == pytest.approx(2e-3 * 0.01)  # the cosine ran to its end
     assert "as many steps as fit in 0.1 minutes" in done.stdout
+
+
+def test_a_time_budget_stops_at_its_epochs_on_a_machine_fast_enough():
+    procs = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    for minutes, expected in ((60.0, 40), (1e-9, 26)):  # an hour fits far more than 40 quick steps; no time fits 1 more
+        budget = TimeBudget(minutes, procs, most=40)
+        assert budget.total_steps(5, 40, validating=False) is None  # the speed is timed from here
+        assert budget.total_steps(25, 40, validating=False) == expected
 
 
 def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from leworld import LeworldError
+from leworld.augment import shift_clips
 from leworld.checkpoint import load_checkpoint, load_weights, select
 from leworld.codec import ActionCodec
 from leworld.models.base import WorldModel
@@ -47,9 +48,12 @@ class LeWorldModel(WorldModel):
         if positions == "rotary":
             self.window = None  # its attention keeps to `history` frames itself: rollouts show it every frame
         self.out_projector = Projector(width, list(cfg.predictor.projector.hidden), cfg.latent_dim)
-        self.sigreg = SIGReg(cfg.sigreg.num_slices, cfg.sigreg.knots, cfg.sigreg.t_max)
+        self.sigreg = SIGReg(cfg.sigreg.num_slices, cfg.sigreg.knots, cfg.sigreg.t_max,
+                             subspaces=cfg.sigreg.get("subspaces", 0))  # checkpoints from before it: 0
+        self.sigreg.check_width(cfg.latent_dim)
         self.sigreg_weight = cfg.sigreg.weight
         self.rollout_steps = cfg.predictor.get("rollout_steps", 1)  # checkpoints from before it: 1
+        self.shift = cfg.encoder.get("shift", 0)  # checkpoints from before it: none
         self.frozen_backbone = bool(cfg.encoder.freeze)
         if self.frozen_backbone:
             self.backbone.requires_grad_(False)
@@ -123,7 +127,10 @@ class LeWorldModel(WorldModel):
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch: pixels (B, T, 3, H, W) uint8 and actions (B, T, fs·A), T = history + 1."""
-        latents = self.encode(batch["pixels"])  # (B, T, D)
+        pixels = batch["pixels"]
+        if self.training and self.shift:
+            pixels = shift_clips(pixels, self.shift)  # one shift per clip: its motion is kept
+        latents = self.encode(pixels)  # (B, T, D)
         chunks, targets = batch["actions"][:, :-1], latents[:, 1:]  # (B, T−1, fs·A), (B, T−1, D)
         predicted = self.predict(latents[:, :-1], chunks)  # (B, T−1, D), teacher forcing
         errors = [(predicted - targets).square().mean()]  # no stop-gradient on the targets

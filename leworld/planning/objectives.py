@@ -33,12 +33,14 @@ class LatentObjective:
     the others ignore it."""
 
     def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False, reference: bool = False,
-                 rows_per_call: int | None = None):
+                 rows_per_call: int | None = None, prior=None):
         """compile: torch.compile the cost (on CUDA with CUDA graphs: a planner's shapes do not change);
         reference: the straightforward rollout (WorldModel.plan_cost), not the model's own faster one;
         rows_per_call: cost the plans of as many environments at a time as make about this many
-        (environment, plan) rows, so that a CPU's intermediates stay in its caches (None: all at once)."""
+        (environment, plan) rows, so that a CPU's intermediates stay in its caches (None: all at once);
+        prior: a policy (leworld/nn/policy.py) that proposes each solve's first plan."""
         self.model, self.device, self.proprio_of, self.rows = model, device, goals.proprio_of, rows_per_call
+        self.prior = prior
         self.uncompiled_cost = functools.partial(WorldModel.plan_cost, model) if reference else model.plan_cost
         self.plan_cost = self.uncompiled_cost
         if compile:
@@ -57,6 +59,15 @@ class LatentObjective:
             proprio = torch.as_tensor(proprio, dtype=torch.float32, device=self.device)
         with autocast(self.device):
             return self.model.encode(frames, proprio).float()
+
+    @torch.no_grad()
+    def propose(self, observed: dict, index: np.ndarray) -> torch.Tensor | None:
+        """The prior's plan (b, H, fs·A) from the last observed frame to the goal; None without a prior."""
+        if self.prior is None:
+            return None
+        proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"][:, -1:])
+        latent = self.encode(observed["pixels"][:, -1:], proprio)[:, 0]  # (b, D)
+        return self.prior(latent, self.goals[torch.as_tensor(index, device=self.device)])
 
     def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
         proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])

@@ -110,18 +110,21 @@ def sizing(cfg: DictConfig, total_steps: int, per_epoch: int, resumed: bool) -> 
     if cfg.train.minutes is None or resumed:
         return f"{total_steps} steps ({total_steps / per_epoch:.3g} epochs of {per_epoch})"
     first, last = TimeBudget.warm_steps + 1, TimeBudget.warm_steps + TimeBudget.timed_steps
-    return f"as many steps as fit in {cfg.train.minutes:g} minutes (sized from the speed of steps {first}-{last})"
+    return (f"as many steps as fit in {cfg.train.minutes:g} minutes, at most {total_steps} ({total_steps / per_epoch:.3g} "
+            f"epochs of {per_epoch}; sized from the speed of steps {first}-{last})")
 
 
 class TimeBudget:
     """train.minutes: how many steps fit, from the speed measured over the run's first steps (after
     `warm_steps`, which pay for compilation and autotuning), measured again at each validation of
     the first half of the run (validations and checkpoints then count), so that the run ends on
-    time with its learning-rate schedule finished. Under torchrun the first process decides."""
+    time with its learning-rate schedule finished; never more than `most` (train.epochs' steps), so
+    that a fast machine finishes early rather than training past what was asked. Under torchrun the
+    first process decides."""
     warm_steps, timed_steps = 5, 20
 
-    def __init__(self, minutes: float, procs: Processes):
-        self.seconds, self.procs = 60 * minutes, procs
+    def __init__(self, minutes: float, procs: Processes, most: int):
+        self.seconds, self.procs, self.most = 60 * minutes, procs, most
         self.started, self.timed_from = time.perf_counter(), None
 
     def total_steps(self, step: int, total_steps: int, validating: bool) -> int | None:
@@ -137,7 +140,8 @@ class TimeBudget:
             self.timed_from = now
             return None
         seconds_per_step = (now - self.timed_from) / (step - self.warm_steps)
-        total = torch.tensor(step + max(1, int((self.seconds - (now - self.started)) / seconds_per_step)))
+        fit = step + max(1, int((self.seconds - (now - self.started)) / seconds_per_step))
+        total = torch.tensor(min(fit, self.most))
         if self.procs.world_size > 1:
             total = total.to(self.procs.device)
             dist.broadcast(total, 0)
@@ -173,7 +177,7 @@ class TrainingLoop:
         self.run_dir, self.log = run_dir, log
         self.progress = Progress(**position, saved_at=position["step"])
         fresh = cfg.train.minutes is not None and position["step"] == 0
-        self.budget = TimeBudget(cfg.train.minutes, procs) if fresh else None
+        self.budget = TimeBudget(cfg.train.minutes, procs, most=position["total_steps"]) if fresh else None
 
     def run(self) -> dict:
         p, cfg = self.progress, self.cfg

@@ -36,6 +36,7 @@ MODELS = {
              "predictor.heads": COUNT, "predictor.mlp_hidden": COUNT, "predictor.dropout": (float, 0, 0.99),
              "predictor.projector.hidden": COUNT, "predictor.rollout_steps": COUNT, "sigreg.weight": (float, 0, None),
              "predictor.positions": (str, POSITIONS), "encoder.shift": (int, 0, 32),
+             "proprio.width": COUNT, "proprio.dim": nullable(COUNT),
              **prefixed("sigreg", SIGREG)},
     "dinowm": {"image_size": IMAGE_SIZE, "history": COUNT, "frameskip": COUNT, "encoder.heads": nullable(COUNT),
                "predictor.depth": COUNT, "predictor.heads": COUNT, "predictor.head_dim": COUNT,

@@ -28,7 +28,7 @@ from leworld.folders import FolderLock, check_free_space
 from leworld.optim import Optimisation
 from leworld.runtime import Processes, RunLog, discard_run, run_main, seed_everything, start_processes, stop_processes
 from leworld.training.after import after_training, outcome_table
-from leworld.training.loop import (TimeBudget, TrainingLoop, checkpoint_bytes, held_out_batches, resume_command,
+from leworld.training.loop import (TrainingLoop, checkpoint_bytes, held_out_batches, resume_command,
                                    sizing)
 from leworld.training.preflight import (check_config, check_later_steps, hold_run_dir, model_and_data,
                                         resume_config)
@@ -91,7 +91,7 @@ def training_run(cfg: DictConfig, overrides: list[str], procs: Processes, folder
               f"model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, on {device}"
               f"{f' x {procs.world_size}' if procs.world_size > 1 else ''}; {dataset.path}: {len(train_episodes)} "
               f"training / {len(held_out)} held-out episodes, {len(train_clips)} clips of {frames} frames every "
-              f"{model.frameskip} steps; {sizing(cfg, position['total_steps'], per_epoch, resumed)}; run folder {run_dir}")
+              f"{model.frameskip} steps; {sizing(cfg, position, per_epoch)}; run folder {run_dir}")
     val_batches = held_out_batches(val_clips, cfg.train.val_batches, cfg.train.batch_size, cfg.seed)
     results = TrainingLoop(opt, cfg, procs, train_clips, val_batches, position, run_dir, log).run()
     opt.net = None  # DDP's reducer holds the process group: let go of it before the group ends
@@ -112,9 +112,7 @@ def start_optimisation(cfg: DictConfig, procs: Processes, model, train_clips: Cl
     if per_epoch == 0:
         raise LeworldError(f"{len(train_clips)} training clips make no batch of {cfg.train.batch_size} x "
                            f"{procs.world_size} processes; lower train.batch_size or collect more episodes")
-    total_steps = max(1, int(np.ceil(cfg.train.epochs * per_epoch)))
-    if cfg.train.minutes is not None and resume_from is None:  # until its speed is measured
-        total_steps = max(total_steps, TimeBudget.warm_steps + TimeBudget.timed_steps + 1)
+    total_steps = max(1, int(np.ceil(cfg.train.epochs * per_epoch)))  # with train.minutes, the most it trains
     opt = Optimisation.start(model, procs, cfg.train, total_steps)
     if cfg.train.compile:
         opt.net = torch.compile(opt.net)

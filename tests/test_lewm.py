@@ -163,3 +163,18 @@ def test_shift_augments_training_only():
     shifted.train(), plain.train()
     torch.manual_seed(1)
     assert shifted.loss(batch)["pred"].item() != plain.loss(batch)["pred"].item()
+
+
+def test_proprioception_is_fused_into_the_latent_and_trained():
+    torch.manual_seed(0)
+    model = LeWorldModel({**TINY, "proprio": {"use": True, "width": 8, "dim": 3}}, codec())
+    pixels = torch.randint(0, 255, (4, 4, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(LeworldError, match="trained with proprioception"):
+        model.encode(pixels)
+    model.eval()
+    still, moved = model.encode(pixels, torch.zeros(4, 4, 3)), model.encode(pixels, torch.ones(4, 4, 3))
+    assert not torch.allclose(still, moved)  # the same frames, another proprioception: another latent
+    model.train()
+    model.loss({"pixels": pixels, "actions": torch.randn(4, 4, 4), "proprio": torch.randn(4, 4, 3)})["loss"].backward()
+    assert model.proprio_encoder[0].weight.grad.abs().sum() > 0
+    assert "proprio_mean" in model.state_dict()  # its statistics travel with the weights

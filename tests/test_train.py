@@ -94,6 +94,20 @@ def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
     assert load_config("train", ["env=reacher", "model=lewm_gpu"]).model.sigreg.weight == paper["model"]["sigreg"]["weight"]
 
 
+def test_a_lewm_with_proprioception_trains_saves_its_statistics_and_plans(data_path, trained, tmp_path):
+    run_dir = tmp_path / "proprio"
+    done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=1", "model.proprio.use=true",
+               "probe_after_training=false", "plan_after_training=true", "planner.samples=8", "planner.elites=2",
+               "planner.iterations=1", "protocol.episodes=2", "protocol.goal_offset=4", "protocol.budget=4",
+               "protocol.horizon=2", "protocol.videos=0", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_world_model(run_dir)
+    proprio = open_dataset(model).tensors["proprio"][:].float()
+    assert model.cfg.proprio.dim == proprio.shape[1]
+    torch.testing.assert_close(model.proprio_mean, proprio.mean(0))
+    assert "planning success" in done.stdout
+
+
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):
     run_dir, _ = trained
     model = load_world_model(run_dir)

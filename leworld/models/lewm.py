@@ -5,6 +5,8 @@
     loss  = MSE(ẑ_t+1, z_t+1) + λ · SIGReg(z_t over the batch, per time step)
 
 Teacher forcing, no stop-gradient, no EMA target: SIGReg alone keeps the latents from collapsing.
+Pixels only by default; with model.proprio.use the agent's proprioception, embedded, joins the
+backbone's features before the projector, so the latent (and all that reads it) carries it.
 With `predictor.rollout_steps` = k > 1 the prediction term also averages k − 1 passes in which
 the predictor reads its own earlier predictions after the first frame (as it does when planning),
 without gradient through those inputs (JEPA-WMs' multi-step rollout loss); still one MSE term.
@@ -39,7 +41,16 @@ class LeWorldModel(WorldModel):
         cfg = self.cfg
         self.image_size = cfg.image_size
         self.backbone = build_backbone(cfg.encoder.backbone)
-        self.projector = Projector(self.backbone.feature_dim, list(cfg.encoder.projector.hidden), cfg.latent_dim)
+        # proprioception (an option): its normalised values embedded and fused into the latent
+        self.proprio_dim = int(cfg.proprio.dim) if OmegaConf.select(cfg, "proprio.use", default=False) else 0
+        proprio_width = cfg.proprio.width if self.proprio_dim else 0
+        if self.proprio_dim:  # the training data's statistics, saved with the weights
+            self.register_buffer("proprio_mean", torch.zeros(self.proprio_dim))
+            self.register_buffer("proprio_std", torch.ones(self.proprio_dim))
+            self.proprio_encoder = nn.Sequential(nn.Linear(self.proprio_dim, proprio_width), nn.SiLU(),
+                                                 nn.Linear(proprio_width, proprio_width))
+        self.projector = Projector(self.backbone.feature_dim + proprio_width, list(cfg.encoder.projector.hidden),
+                                   cfg.latent_dim)
         width = cfg.predictor.width
         self.action_encoder = nn.Sequential(nn.Linear(codec.block_dim, width), nn.SiLU(), nn.Linear(width, width))
         positions = cfg.predictor.get("positions", "learned")  # checkpoints from before it: learned
@@ -61,28 +72,41 @@ class LeWorldModel(WorldModel):
 
     @classmethod
     def configure(cls, cfg: DictConfig, dataset) -> DictConfig:
-        """cfg.model, with the backbone of the image-pretraining run that model.encoder.init names.
-        Frames are never upscaled: no detail is gained, and the encoder's cost grows."""
+        """cfg.model, with the backbone of the image-pretraining run that model.encoder.init names and
+        the proprioception's size (model.proprio.use) from the data. Frames are never upscaled: no
+        detail is gained, and the encoder's cost grows."""
         found = dataset.meta["image_shape"][0]
+        proprio = OmegaConf.select(cfg.model, "proprio.use", default=False)
+        if proprio and "proprio" not in dataset.tensors.keys():
+            raise LeworldError(f"model.proprio.use=true but {dataset.path} has no proprioception; drop the override")
         if cfg.model.image_size > found:
             raise LeworldError(f"model.image_size={cfg.model.image_size} but data.path={dataset.path} holds {found}-px "
                                "frames, which the encoder would upscale (no detail is gained); drop model.image_size "
                                f"(it follows the frames) or train on {cfg.model.image_size}-px frames "
                                f"(env.kwargs.image_size={cfg.model.image_size} with a new data.path)")
-        if cfg.model.encoder.init is None:
+        if not proprio and cfg.model.encoder.init is None:
             return cfg.model
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
+        if proprio:
+            model_cfg.proprio.dim = dataset.meta["proprio_dim"]
+        if cfg.model.encoder.init is None:
+            return model_cfg
         ckpt = load_checkpoint(cfg.model.encoder.init)
         if ckpt.info.get("kind") != "pretrain":
             raise LeworldError(f"model.encoder.init={cfg.model.encoder.init} is a {ckpt.info.get('kind')} checkpoint, "
                                "not an image pretraining one")
-        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # a copy, open to new keys
         model_cfg.encoder.backbone = ckpt.config["backbone"]
         return model_cfg
 
     @classmethod
     def build(cls, model_cfg: DictConfig, codec: ActionCodec, dataset) -> "LeWorldModel":
-        """With model.encoder.init, the backbone starts from that pretraining run's weights."""
+        """With model.encoder.init, the backbone starts from that pretraining run's weights; with
+        proprioception, its statistics come from the data."""
         model = cls(model_cfg, codec)
+        if model.proprio_dim:
+            proprio = dataset.tensors["proprio"][:].float()  # (N, Q)
+            model.proprio_mean.copy_(proprio.mean(0))
+            model.proprio_std.copy_(proprio.std(0).clamp_min(1e-6))
         if model_cfg.encoder.init is not None:
             load_weights(model.backbone, select(load_checkpoint(model_cfg.encoder.init).tensors, "backbone"),
                          model_cfg.encoder.init)
@@ -98,9 +122,15 @@ class LeWorldModel(WorldModel):
         return self
 
     def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:
-        """uint8 frames (B, T, 3, H, W) -> latents (B, T, D). LeWorldModel sees pixels only."""
+        """uint8 frames (B, T, 3, H, W) -> latents (B, T, D). LeWorldModel sees pixels only, unless
+        trained with proprioception (model.proprio.use): then also raw proprio (B, T, Q)."""
         frames = rearrange(pixels, "b t c h w -> (b t) c h w")
-        features = self.backbone(normalize(resize(to_float(frames), self.image_size)))
+        features = self.backbone(normalize(resize(to_float(frames), self.image_size)))  # (B·T, F)
+        if self.proprio_dim:
+            if proprio is None:
+                raise LeworldError("this LeWM was trained with proprioception (model.proprio.use): pass proprio (B, T, Q)")
+            normalised = (rearrange(proprio, "b t q -> (b t) q").to(features.dtype) - self.proprio_mean) / self.proprio_std
+            features = torch.cat([features, self.proprio_encoder(normalised)], dim=-1)  # (B·T, F + width)
         return rearrange(self.projector(features), "(b t) d -> b t d", b=pixels.shape[0])
 
     def predict(self, latents: Tensor, chunks: Tensor) -> Tensor:
@@ -130,7 +160,7 @@ class LeWorldModel(WorldModel):
         pixels = batch["pixels"]
         if self.training and self.shift:
             pixels = shift_clips(pixels, self.shift)  # one shift per clip: its motion is kept
-        latents = self.encode(pixels)  # (B, T, D)
+        latents = self.encode(pixels, batch.get("proprio"))  # (B, T, D)
         chunks, targets = batch["actions"][:, :-1], latents[:, 1:]  # (B, T−1, fs·A), (B, T−1, D)
         predicted = self.predict(latents[:, :-1], chunks)  # (B, T−1, D), teacher forcing
         errors = [(predicted - targets).square().mean()]  # no stop-gradient on the targets

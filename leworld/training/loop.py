@@ -106,8 +106,16 @@ def resume_command(run_dir: str | Path, processes: int) -> str:
     return f"{launch} leworld.train resume=true run_dir={run_dir}"
 
 
-def sizing(cfg: DictConfig, total_steps: int, per_epoch: int, resumed: bool) -> str:
-    if cfg.train.minutes is None or resumed:
+def budgeted(cfg: DictConfig, position: dict) -> bool:
+    """Whether train.minutes sizes this run: a new run with more steps than measuring its speed takes
+    (a shorter one ends before the budget could say anything)."""
+    return (cfg.train.minutes is not None and position["step"] == 0
+            and position["total_steps"] > TimeBudget.warm_steps + TimeBudget.timed_steps)
+
+
+def sizing(cfg: DictConfig, position: dict, per_epoch: int) -> str:
+    total_steps = position["total_steps"]
+    if not budgeted(cfg, position):
         return f"{total_steps} steps ({total_steps / per_epoch:.3g} epochs of {per_epoch})"
     first, last = TimeBudget.warm_steps + 1, TimeBudget.warm_steps + TimeBudget.timed_steps
     return (f"as many steps as fit in {cfg.train.minutes:g} minutes, at most {total_steps} ({total_steps / per_epoch:.3g} "
@@ -176,8 +184,7 @@ class TrainingLoop:
         self.opt, self.cfg, self.procs, self.clips, self.val_batches = opt, cfg, procs, train_clips, val_batches
         self.run_dir, self.log = run_dir, log
         self.progress = Progress(**position, saved_at=position["step"])
-        fresh = cfg.train.minutes is not None and position["step"] == 0
-        self.budget = TimeBudget(cfg.train.minutes, procs, most=position["total_steps"]) if fresh else None
+        self.budget = TimeBudget(cfg.train.minutes, procs, most=position["total_steps"]) if budgeted(cfg, position) else None
 
     def run(self) -> dict:
         p, cfg = self.progress, self.cfg

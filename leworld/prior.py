@@ -110,13 +110,19 @@ def mse(policy: GoalPolicy, z: Tensor, goal: Tensor, plans: Tensor, device) -> f
 
 
 def load_prior(run: str, model, device) -> GoalPolicy:
-    """The policy prior saved beside the world model of `run` (a run folder or its checkpoint file)."""
-    folder = resolve_path(run).parent / FOLDER
+    """The policy prior saved beside the world model of `run` (a run folder or its checkpoint file),
+    refused if that world model has trained on since the prior was made from it."""
+    path = resolve_path(run)
+    folder = path.parent / FOLDER
     if not (folder / "checkpoint.safetensors").is_file():
         raise LeworldError(f"{folder} holds no policy prior; train one first: python -m leworld.prior ckpt={run}")
     ckpt = load_checkpoint(folder)
     if ckpt.info.get("kind") != "prior":
         raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind')} checkpoint, not a policy prior")
+    step = load_checkpoint(path).info.get("step")
+    if ckpt.info.get("world_model_step") != step:
+        raise LeworldError(f"{ckpt.path} was trained on the latents of step {ckpt.info.get('world_model_step')} of "
+                           f"{path}, which is now at step {step}; train it again: python -m leworld.prior ckpt={run}")
     spec = ckpt.config
     policy = GoalPolicy(spec["latent_dim"], spec["horizon"], spec["chunk_dim"], spec["hidden"], spec["dropout"])
     load_weights(policy, ckpt.tensors, ckpt.path)
@@ -137,7 +143,7 @@ def prior(cfg: DictConfig) -> dict:
             "training": OmegaConf.to_container(cfg.prior)}
     (path.parent / FOLDER).mkdir(exist_ok=True)
     out = save_checkpoint(path.parent / FOLDER / "checkpoint.safetensors", policy.state_dict(), spec, kind="prior",
-                          world_model=str(path), **results)
+                          world_model=str(path), world_model_step=load_checkpoint(path).info.get("step"), **results)
     print(f"saved {out}; plan with it: python -m leworld.eval ckpt={path.parent} prior=true (or planner=prior)")
     return results
 

@@ -11,7 +11,7 @@ import torch
 from conftest import run
 from omegaconf import OmegaConf
 
-from leworld.checkpoint import load_checkpoint
+from leworld.checkpoint import load_checkpoint, save_checkpoint
 from leworld.models import load_world_model, open_dataset
 from leworld.planning import Goals, LatentObjective
 from leworld.nn.policy import GoalPolicy
@@ -96,3 +96,9 @@ def test_a_missing_prior_or_a_goal_it_cannot_propose_for_is_one_line(trained, wi
     assert not (tmp_path / "none").exists()
     done = run("prior", f"ckpt={with_prior[0]}", "protocol.horizon=4", "protocol.goal_offset=10")
     assert done.returncode == 2 and "protocol.goal_offset must be 8, not 10" in done.stderr
+    stale = tmp_path / "stale"  # the world model trained on after its prior was made
+    shutil.copytree(with_prior[0], stale)
+    ckpt = load_checkpoint(stale)
+    save_checkpoint(stale / "checkpoint.safetensors", ckpt.tensors, ckpt.config, **(ckpt.info | {"step": ckpt.info["step"] + 1}))
+    done = run("eval", f"ckpt={stale}", "planner=prior", *EVAL, f"out_dir={tmp_path / 'stale-eval'}")
+    assert done.returncode == 2 and "train it again: python -m leworld.prior" in done.stderr

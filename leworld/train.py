@@ -123,6 +123,8 @@ def start_optimisation(cfg: DictConfig, procs: Processes, model, train_clips: Cl
         restore_rng(select(resume_from.tensors, "rng"), resume_from.info["rng"])
         opt.schedule.load_state_dict(resume_from.info["schedule"])
         position |= {k: resume_from.info[k] for k in ("step", "epoch", "batch_in_epoch")}
+        # a run sized by train.minutes ends where its budget put it, not at its epochs
+        position["total_steps"] = resume_from.info.get("total_steps", total_steps)
     if run_dir is not None:  # room for the checkpoint and the next one written beside it, before the first step
         kept = (run_dir / FILENAME).stat().st_size if resume_from is not None else 0
         check_free_space(run_dir, 2 * checkpoint_bytes(opt) - kept,

@@ -92,7 +92,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
     cli = lambda *args: one_error_line(pretrain_cli(*TINY, *TINY_SHAPES, *args, cwd=tmp_path))
     assert "data.path is required" in one_error_line(pretrain_cli(*TINY, "data=folder", cwd=tmp_path))
-    assert "backbone=resnet50; choose one of: convnet_cpu, convnet_small" in cli("backbone=resnet50")
+    assert "backbone=resnet50; choose one of: convnet_cpu, convnet_keypoints, convnet_small" in cli("backbone=resnet50")
     assert "unknown backbone name 'resnet'" in cli("backbone.name=resnet")
     assert "bad override" in cli("train.epochz=3")
     for override, message in {"views.global.size=0": "views.global.size=0: it must be an integer >= 8",  # a traceback once

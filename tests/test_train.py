@@ -68,6 +68,8 @@ def test_a_time_budget_sizes_the_run_from_its_speed_and_finishes_its_schedule(da
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == steps and last["lr"] == pytest.approx(2e-3 * 0.01)  # the cosine ran to its end
     assert "as many steps as fit in 0.1 minutes" in done.stdout
+    again = run("train", "resume=true", f"run_dir={run_dir}")  # the budget's end is the run's end, not 1000 epochs
+    assert again.returncode == 2 and f"is complete ({steps} of {steps} steps)" in again.stderr
 
 
 def test_a_time_budget_stops_at_its_epochs_on_a_machine_fast_enough():

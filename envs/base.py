@@ -39,6 +39,8 @@ except Exception as err:
                   "MUJOCO_GL=osmesa (needs libOSMesa, libosmesa6)")
 
 
+PALETTE = [(0.9, 0.1, 0.1), (0.1, 0.7, 0.1), (0.1, 0.2, 0.9), (0.95, 0.8, 0.1)]  # recolour's vivid colours
+
 # Radians everywhere (MJCF's default unit of angle is the degree); flat colours from an
 # ambient-only headlight, no shadows, no reflections.
 VISUAL = """
@@ -79,6 +81,8 @@ class Env(gym.Env):
         distance(state, goal)            the error that success thresholds (for reports)
         proprio(state)                   the part of the state the agent senses of itself (or None)
         action_space                     a Box
+        parts                            its movable parts, each with the state entries that place it
+                                         (what `teleport` moves; a MuJoCo env's part is also a body)
 
     `reset(options={"state": s})` restores a state, and `options={"goal": g}` sets the goal that
     `info["success"]` is measured against.
@@ -87,6 +91,7 @@ class Env(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
     state_names: list[str] = []  # one per state entry, for tables and probes
     angle_dims: tuple[int, ...] = ()  # entries that are angles
+    parts: dict[str, tuple[int, ...]] = {}  # movable part -> the state entries that place it
 
     def __init__(self, image_size: int = 64):
         if not isinstance(image_size, (int, np.integer)) or image_size < 8:
@@ -122,6 +127,19 @@ class Env(gym.Env):
                 names.append(name)
         return np.stack(columns, 1), names
 
+    def teleport(self, state: np.ndarray, part: str, rng: np.random.Generator) -> np.ndarray:
+        """`state` with `part` put where a fresh initial state (sample_state) puts it, the rest as it
+        was: an event no physics makes, for tests of what a world model expects (leworld.surprise)."""
+        if part not in self.parts:
+            raise EnvError(f"{type(self).__name__} has no part {part!r} to teleport; its parts: {', '.join(self.parts)}")
+        moved, entries = self.check_state(state).copy(), list(self.parts[part])
+        moved[entries] = self.sample_state(rng)[entries]
+        return moved
+
+    def recolour(self, part: str | None) -> None:
+        """Draw `part` in another colour from now on (None: every part as built). Physics unchanged."""
+        raise EnvError(f"{type(self).__name__} cannot draw its parts in other colours")
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = options or {}
@@ -137,6 +155,18 @@ class Env(gym.Env):
         for action in np.clip(actions, self.action_space.low, self.action_space.high):
             self.advance(action)
         return self.get_state()
+
+    def replay(self, state: np.ndarray, actions: np.ndarray, frameskip: int) -> tuple[np.ndarray, np.ndarray]:
+        """Set `state`, then take raw actions (n·frameskip, A) -> frames (n + 1, H, W, 3) and states
+        (n + 1, S) after every `frameskip` steps, the first at `state`."""
+        self.set_state(state)
+        frames, states = [self.render()], [self.get_state()]
+        for chunk in np.reshape(actions, (-1, frameskip, actions.shape[-1])):
+            for action in np.clip(chunk, self.action_space.low, self.action_space.high):
+                self.advance(action)
+            frames.append(self.render())
+            states.append(self.get_state())
+        return np.stack(frames), np.stack(states)
 
     def goal_cost(self, state: np.ndarray, goal: np.ndarray) -> float:
         """What an oracle planner minimises on its way to the goal: every part of the success
@@ -192,6 +222,7 @@ class MujocoEnv(Env):
         self.state_scale = np.broadcast_to(np.asarray(getattr(self, "state_scale", 1.0), dtype=np.float64),
                                            (self.state_dim,)).copy()
         self._renderer = None
+        self._colours = self.model.geom_rgba.copy()  # as built, for recolour(None)
 
     def get_state(self) -> np.ndarray:
         return np.concatenate([self.data.qpos, self.data.qvel]) * self.state_scale
@@ -223,6 +254,27 @@ class MujocoEnv(Env):
         mujoco.mj_forward(self.model, self.data)
         self._renderer.update_scene(self.data, camera=self.camera)
         return self._renderer.render()
+
+    def recolour(self, part: str | None) -> None:
+        """Draw the geoms of `part`'s body and the bodies it carries in the palette colour farthest
+        from their own (None: every geom as built): a change of look that no physics follows."""
+        self.model.geom_rgba[:] = self._colours
+        if part is None:
+            return
+        if part not in self.parts:
+            raise EnvError(f"{type(self).__name__} has no part {part!r} to recolour; its parts: {', '.join(self.parts)}")
+        root = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, part)
+        carried = {root} | {b for b in range(self.model.nbody) if self._carried_by(b, root)}
+        geoms = [g for g in range(self.model.ngeom) if self.model.geom_bodyid[g] in carried]
+        own = self._colours[geoms, :3].mean(0)
+        self.model.geom_rgba[geoms, :3] = max(PALETTE, key=lambda colour: np.abs(np.asarray(colour) - own).sum())
+
+    def _carried_by(self, body: int, root: int) -> bool:
+        while body > 0:
+            body = self.model.body_parentid[body]
+            if body == root:
+                return True
+        return False
 
     def close(self) -> None:
         if self._renderer is not None:

@@ -46,6 +46,7 @@ class PushTEnv(MujocoEnv):
     state_names = ["agent_x", "agent_y", "block_x", "block_y", "block_angle",
                    "agent_vx", "agent_vy", "block_vx", "block_vy", "block_spin"]
     angle_dims = (4,)  # compared modulo 2π
+    parts = {"agent": (0, 1), "block": (2, 3, 4)}
     physics_dt = 0.01
     physics_steps = 10
     state_scale = [UNIT] * 4 + [1.0] + [UNIT] * 4 + [1.0]  # MuJoCo units to workspace units

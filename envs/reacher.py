@@ -20,6 +20,7 @@ SUCCESS_ANGLE = 0.05
 class ReacherEnv(MujocoEnv):
     state_names = ["shoulder", "elbow", "shoulder_velocity", "elbow_velocity"]
     angle_dims = (0, 1)  # compared modulo 2π
+    parts = {"arm": (0, 1)}
     physics_dt = 0.01
     physics_steps = 5
 
@@ -36,7 +37,7 @@ class ReacherEnv(MujocoEnv):
   <default><geom contype="0" conaffinity="0"/></default>
   <worldbody>{arena_xml(0.0, 0.3)}
     <geom type="cylinder" pos="0 0 0" size="0.02 0.01" rgba=".2 .2 .2 1"/>
-    <body name="upper_arm">
+    <body name="arm">
       <joint name="shoulder" type="hinge" axis="0 0 1" {joint}/>
       <geom type="capsule" fromto="0 0 0 0.1 0 0" size="0.012" mass="0.03" rgba=".0 .45 .7 1"/>
       <body name="forearm" pos="0.1 0 0">

@@ -26,6 +26,7 @@ SUCCESS_DISTANCE = 16.0
 class TwoRoomEnv(MujocoEnv):
     state_names = ["x", "y", "vx", "vy"]
     angle_dims = ()
+    parts = {"agent": (0, 1)}
     physics_dt = 0.01
     physics_steps = 10
     state_scale = UNIT

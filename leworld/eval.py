@@ -8,14 +8,17 @@ into out_dir. The oracle plans on the tasks a default training run of that env i
 
 import datetime
 import functools
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 import envs
 from leworld import LeworldError, settings
-from leworld.checkpoint import resolve_path
+from leworld.checkpoint import FILENAME, resolve_path
 from leworld.dataset import EpisodeDataset
+from leworld.decode import FOLDER as DECODER
+from leworld.decode import load_decoder
 from leworld.models import EnvSpec, load_world_model, open_dataset
 from leworld.planning import LatentObjective, Oracle, SimulatorObjective, check_protocol, evaluate, make_planner
 from leworld.prior import load_prior
@@ -51,7 +54,40 @@ def run_eval(cfg: DictConfig) -> dict:
     name = f"{cfg.planner.name}{'-prior' if with_prior and cfg.planner.name != 'prior' else ''}"
     out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
     return evaluate(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
-                    {"ckpt": str(path), "prior": with_prior}, objective=functools.partial(LatentObjective, prior=prior))
+                    {"ckpt": str(path), "prior": with_prior}, objective=functools.partial(LatentObjective, prior=prior),
+                    oracle=oracle_summary(cfg, model, dataset), decoder=decoder_of(path, device))
+
+
+def decoder_of(path: Path, device):
+    """The run's pixel decoder (python -m leworld.decode train), for videos of what the model imagined;
+    None where it has none, or one made from an earlier step of the model (said, not fatal)."""
+    if not (path.parent / DECODER / FILENAME).is_file():
+        return None
+    try:
+        return load_decoder(path, device)
+    except LeworldError as err:
+        print(f"note: {err}; the videos show no imagined frames")
+        return None
+
+
+def oracle_summary(cfg: DictConfig, model, dataset: EpisodeDataset) -> dict | None:
+    """The oracle's summary from the eval folder `oracle` names, refused unless it planned the same
+    tasks: the env, the dataset and the protocol's tasks (episodes, seed, goal offset, budget)."""
+    if cfg.oracle is None:
+        return None
+    found = Path(cfg.oracle) / "eval.json"
+    if not found.is_file():
+        raise LeworldError(f"oracle={cfg.oracle} holds no eval.json; make one with python -m leworld.eval model=oracle "
+                           f"env={model.env.name}")
+    saved = json.loads(found.read_text())
+    recorded, tasks = saved["settings"], ("episodes", "goal_offset", "budget")
+    same = (recorded.get("model") == "oracle" and recorded["env"] == model.env.name
+            and Path(recorded["dataset"]).resolve() == Path(dataset.path).resolve() and recorded["seed"] == cfg.seed
+            and all(recorded["protocol"][k] == cfg.protocol[k] for k in tasks))
+    if not same:
+        raise LeworldError(f"{found} is not an oracle's eval on these tasks (the env, dataset, seed and protocol."
+                           f"{'/'.join(tasks)} must match); run the oracle with this eval's settings")
+    return saved["summary"]["planner"]
 
 
 def oracle(cfg: DictConfig) -> tuple[Oracle, EpisodeDataset]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from leworld import LeworldError, settings
-from leworld.checkpoint import load_checkpoint, load_weights, resolve_path, save_checkpoint
+from leworld.checkpoint import load_checkpoint, load_companion, load_weights, resolve_path, save_checkpoint
 from leworld.models import load_world_model, open_dataset
 from leworld.nn.policy import GoalPolicy
 from leworld.planning.anatomy import recorded_plans
@@ -112,17 +112,7 @@ def mse(policy: GoalPolicy, z: Tensor, goal: Tensor, plans: Tensor, device) -> f
 def load_prior(run: str, model, device) -> GoalPolicy:
     """The policy prior saved beside the world model of `run` (a run folder or its checkpoint file),
     refused if that world model has trained on since the prior was made from it."""
-    path = resolve_path(run)
-    folder = path.parent / FOLDER
-    if not (folder / "checkpoint.safetensors").is_file():
-        raise LeworldError(f"{folder} holds no policy prior; train one first: python -m leworld.prior ckpt={run}")
-    ckpt = load_checkpoint(folder)
-    if ckpt.info.get("kind") != "prior":
-        raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind')} checkpoint, not a policy prior")
-    step = load_checkpoint(path).info.get("step")
-    if ckpt.info.get("world_model_step") != step:
-        raise LeworldError(f"{ckpt.path} was trained on the latents of step {ckpt.info.get('world_model_step')} of "
-                           f"{path}, which is now at step {step}; train it again: python -m leworld.prior ckpt={run}")
+    ckpt = load_companion(run, FOLDER, "prior", "policy prior", f"python -m leworld.prior ckpt={run}")
     spec = ckpt.config
     policy = GoalPolicy(spec["latent_dim"], spec["horizon"], spec["chunk_dim"], spec["hidden"], spec["dropout"])
     load_weights(policy, ckpt.tensors, ckpt.path)

@@ -7,6 +7,7 @@ state on held-out frames, and the error of imagined rollouts against "nothing ch
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from leworld.nn.preprocess import normalize, resize, to_float
 from leworld.checkpoint import resolve_path
 from leworld.dataset import ClipSampler
 from leworld.models import load_world_model, open_dataset
+from leworld.plots import plot_probe, plot_rollout
 from leworld.runtime import autocast, check_values, pick_device, require, run_main
 
 
@@ -76,23 +78,31 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
 # ---- world models ---------------------------------------------------------------------------
 
 
-def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, ridge: float) -> Tensor:
-    """R² per target column of a ridge regression fit on (train_x, train_y), scored on val."""
+def ridge_r2(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """R² per target column of a ridge regression fit on (train_x, train_y), scored on val, and its
+    predictions of val_y."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     features = lambda x: torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # noqa: E731
     a, v = features(train_x), features(val_x)
     weights = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ train_y)
-    residual = ((v @ weights - val_y) ** 2).sum(0)
-    return 1 - residual / ((val_y - val_y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+    predicted = v @ weights
+    residual = ((predicted - val_y) ** 2).sum(0)
+    return 1 - residual / ((val_y - val_y.mean(0)) ** 2).sum(0).clamp_min(1e-12), predicted
+
+
+def frame_rows(dataset, episodes: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Up to `limit` dataset rows of the given episodes, drawn by `seed`, in order."""
+    rows = np.concatenate([np.arange(s, s + n) for s, n in
+                           zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes])])
+    return np.sort(np.random.default_rng(seed).permutation(rows)[:limit])
 
 
 @torch.no_grad()
 def encode_frames(model, dataset, episodes: np.ndarray, limit: int, device: torch.device, seed: int,
                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Latents (N, D) and states (N, S) of up to `limit` frames of the given episodes, on the CPU."""
-    rows = np.concatenate([np.arange(s, s + n) for s, n in
-                           zip(dataset.episode_starts[episodes], dataset.episode_lengths[episodes])])
-    rows = np.sort(np.random.default_rng(seed).permutation(rows)[:limit])
+    """Latents (N, D) and states (N, S) of up to `limit` frames of the given episodes (frame_rows),
+    on the CPU."""
+    rows = frame_rows(dataset, episodes, limit, seed)
     latents = []
     for i in range(0, len(rows), batch_size):
         index = torch.as_tensor(rows[i:i + batch_size])
@@ -130,11 +140,14 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
     return {"model": model_error.tolist(), "no_change": still_error.tolist()}
 
 
-def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device, say=print) -> dict:
+def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device, say=print,
+                      pictures: Path | None = None) -> dict:
     """How much the latents know: a linear probe to the physical state on held-out frames, for the
     trained encoder and for the same encoder at random initialisation, and the rollout error
     against "nothing changes". spec: frames, clips, horizon, ridge (configs/probe.yaml). A DINO-WM
-    with proprioception carries the agent's own state in its tokens, so the probe reads it from there."""
+    with proprioception carries the agent's own state in its tokens, so the probe reads it from there.
+    With `pictures`, a folder: probe.png (the trained probe's reading against the truth) and
+    rollout.png there."""
     from envs import ENVS  # here: importing envs picks MuJoCo's GL back end, which image probes never need
 
     env_class, seed = ENVS[dataset.meta["env"]["name"]], spec.seed
@@ -147,10 +160,14 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
         val_x, val_state = encode_frames(net, dataset, val_episodes, spec.frames, device, seed + 1)
         train_y, labels = env_class.probe_targets(train_state.double().numpy())
         val_y, _ = env_class.probe_targets(val_state.double().numpy())
-        fit = ridge_r2(train_x.double(), torch.from_numpy(train_y), val_x.double(), torch.from_numpy(val_y), spec.ridge)
+        fit, read = ridge_r2(train_x.double(), torch.from_numpy(train_y), val_x.double(), torch.from_numpy(val_y), spec.ridge)
         r2[name] = dict(zip(labels, fit.tolist()))
+        if name == "trained" and pictures is not None:
+            plot_probe(val_y, read.numpy(), labels, r2[name], pictures / "probe.png")
     errors = rollout_errors(model, dataset, val_episodes, spec.clips, spec.horizon, device, seed)
     results = {"r2": r2, "rollout": errors, "frames": {"train": len(train_x), "held_out": len(val_x)}}
+    if pictures is not None:
+        plot_rollout(errors, pictures / "rollout.png")
 
     say(f"linear probe from latents to the state, R² on {len(val_x)} held-out frames:")
     say(f"  {'':24} {'trained':>9} {'random init':>12}")
@@ -177,9 +194,11 @@ def probe(cfg: DictConfig) -> dict:
                            "episodes are unknown; drop data_path= (the model's own dataset is used)")
     val_episodes = np.asarray(model.data.held_out)
     train_episodes = np.setdiff1d(np.arange(dataset.num_episodes), val_episodes)
-    results = probe_world_model(model, dataset, train_episodes, val_episodes, cfg.probe, device)
+    pictures = path.parent / "plots"
+    pictures.mkdir(exist_ok=True)
+    results = probe_world_model(model, dataset, train_episodes, val_episodes, cfg.probe, device, pictures=pictures)
     (path.parent / "probe.json").write_text(json.dumps(results, indent=1))
-    print(f"saved {path.parent / 'probe.json'}")
+    print(f"saved {path.parent / 'probe.json'}, {pictures / 'probe.png'} and {pictures / 'rollout.png'}")
     return results
 
 

@@ -52,6 +52,8 @@ PLANNERS = {
     "prior": {},
 }
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
+DECODER = {"widths": COUNT, "frames": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1),
+           "weight_decay": (float, 0, 1)}
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),
             "batch": COUNT, "videos": (int, 0, None), "cpu_rows_per_call": nullable(COUNT)}
 
@@ -80,8 +82,8 @@ TRAINING = {"epochs": POSITIVE, "minutes": nullable((float, 0.01, None)), "batch
 def train(cfg: DictConfig) -> dict:
     backbone = prefixed("backbone", BACKBONES.get(OmegaConf.select(cfg, "backbone.name"), {}))  # a LeWM's, by its name
     return {"seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
-            **backbone, **model(cfg.model), **prefixed("probe", PROBE), **prefixed("protocol", PROTOCOL),
-            **planner(cfg.planner)}
+            **backbone, **model(cfg.model), **prefixed("probe", PROBE), **prefixed("decoder", DECODER),
+            **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -97,6 +99,12 @@ PROBE_VERB = prefixed("probe", PROBE)
 PRIOR = {"hidden": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1), "weight_decay": (float, 0, 1),
          "dropout": (float, 0, 0.99), "check_every": COUNT, "check_fraction": (float, Above(0), 0.5)}
 PRIOR_VERB = {"seed": SEED, **prefixed("prior", PRIOR), **prefixed("protocol", PROTOCOL)}
+
+SURPRISE_VERB = {"seed": SEED, "clips": (int, 2, None), "frames": (int, 3, None), "event": COUNT, "permutations": COUNT,
+                 "alpha": (float, Above(0), 1)}
+
+DECODE_VERB = {"seed": SEED, **prefixed("decoder", DECODER), "rollout.episode": (int, 0, None),
+               "rollout.start": (int, 0, None), "rollout.chunks": COUNT}
 
 PRETRAIN_DATA = {"shapes": {"per_class": COUNT, "size": IMAGE_SIZE, "seed": SEED}, "folder": {"resize": nullable(IMAGE_SIZE)},
                  "array": {}, "dataset": {}}

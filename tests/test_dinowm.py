@@ -149,6 +149,13 @@ def test_baseline_trains_and_plans(data_path, trained, tmp_path):
                "protocol.videos=1", f"out_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads((out / "eval.json").read_text())["episodes"]["planner"]) == 3
+    assert not (run_dir / "decoder").exists()  # patch tokens: no pixel decoder of one vector a frame
+
+    surprised = run("surprise", f"ckpt={run_dir}", "clips=6", "frames=8", "event=4", "perturbations=[teleport_agent]",
+                    "permutations=200", f"out_dir={tmp_path / 'surprise'}")  # through the shared interface
+    assert surprised.returncode == 0, surprised.stderr[-3000:]
+    teleport = json.loads((tmp_path / "surprise" / "surprise.json").read_text())["perturbations"]["teleport_agent"]
+    assert teleport["before"]["control"] == teleport["before"]["perturbed"] and teleport["at"]["control"] > 0
 
 
 def test_training_without_weights_is_one_line(data_path, tmp_path):

@@ -41,6 +41,9 @@ def verbs():
     for planner in options("planner"):
         yield "eval", [f"planner={planner}", "env=pusht", "model=oracle"], settings.evaluate
     yield "probe", [], lambda cfg: settings.PROBE_VERB
+    yield "prior", [], lambda cfg: settings.PRIOR_VERB
+    yield "surprise", [], lambda cfg: settings.SURPRISE_VERB
+    yield "decode", [], lambda cfg: settings.DECODE_VERB
     for backbone in options("backbone"):
         for data in options("data"):
             yield "pretrain", [f"backbone={backbone}", f"data={data}"], settings.pretrain

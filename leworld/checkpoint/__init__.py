@@ -81,6 +81,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise LeworldError(f"{path} has unreadable metadata ({err}); it may be corrupt") from None
 
 
+def load_companion(run: str | Path, folder: str, kind: str, label: str, how: str) -> Checkpoint:
+    """The checkpoint of a network trained on a world model's frozen latents (a policy prior, a pixel
+    decoder), saved in <run>/<folder>/, refused if missing, of another kind, or made from an earlier
+    step of that world model. kind: its info's kind; label: its name in messages; how: the command
+    that makes one."""
+    path = resolve_path(run)
+    where = path.parent / folder
+    if not (where / FILENAME).is_file():
+        raise LeworldError(f"{where} holds no {label}; train one first: {how}")
+    ckpt = load_checkpoint(where)
+    if ckpt.info.get("kind") != kind:
+        raise LeworldError(f"{ckpt.path} is a {ckpt.info.get('kind')} checkpoint, not a {label}")
+    step = load_checkpoint(path).info.get("step")
+    if ckpt.info.get("world_model_step") != step:
+        raise LeworldError(f"{ckpt.path} was trained on the latents of step {ckpt.info.get('world_model_step')} of "
+                           f"{path}, which is now at step {step}; train it again: {how}")
+    return ckpt
+
+
 def load_weights(module: nn.Module, tensors: dict[str, Tensor], source) -> None:
     """Load a state dict, with one clear error when it does not fit the module."""
     try:

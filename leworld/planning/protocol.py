@@ -66,12 +66,14 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
     (or the oracle, with objective=SimulatorObjective); objective: what the planner minimises, made
     as objective(model, goals, device, compile) for each batch; anatomy: class each failure
     (leworld/planning/anatomy.py) where the goal is one plan away.
-    -> a row per episode, the seconds of every solve, and the frames of the first `record` episodes."""
+    -> a row per episode, the seconds of every solve, and of the first `record` episodes what was
+    seen: every frame ("frames"), the first plan ("first_plan", (H, fs·A)) and the frames and states
+    before it and after each of its chunks ("first_frames", "first_states")."""
     planner = make_planner(planner_cfg, model.codec, seed, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state, pixels = dataset.tensors["state"], dataset.tensors["pixels"]
     has_proprio = "proprio" in dataset.tensors.keys()
-    results, solve_seconds, frames = [], [], []
+    results, solve_seconds, seen = [], [], []
     for first in range(0, len(rows), protocol.batch):
         batch_rows = rows[first:first + protocol.batch]
         goal_rows = torch.as_tensor(batch_rows + protocol.goal_offset)
@@ -100,8 +102,10 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
             explain(episodes, result, costs, model.env, starts, goals, recorded, model.codec, np.arange(len(batch)))
         results += episodes
         solve_seconds += result.solve_seconds
-        frames += result.frames
-    return results, solve_seconds, frames[:record]
+        seen += [{"frames": result.frames[i], "first_plan": result.first_plan[i].cpu(),
+                  "first_frames": result.first_frames[i], "first_states": result.first_states[i]}
+                 for i in range(len(result.frames))]
+    return results, solve_seconds, seen[:record]
 
 
 def rows_per_call(protocol: DictConfig, device: torch.device) -> int | None:

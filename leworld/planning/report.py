@@ -7,22 +7,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+import envs
 from leworld import LeworldError
 from leworld.dataset import EpisodeDataset
 from leworld.planning.objectives import LatentObjective
 from leworld.planning.protocol import run_protocol, sample_tasks, summary, task_episodes
+from leworld.plots import plot_eval
+from leworld.runtime import autocast
 
 
 def evaluate(model, dataset: EpisodeDataset, planner_cfg: DictConfig, protocol: DictConfig, seed: int,
-             device: torch.device, out_dir: Path, settings: dict, objective=LatentObjective) -> dict:
+             device: torch.device, out_dir: Path, settings: dict, objective=LatentObjective,
+             oracle: dict | None = None, decoder=None) -> dict:
     """Plan under the protocol (and with random actions, the floor), print the summary and write
     eval.json and videos into out_dir, which must not exist yet: it is made first, so that an
     unwritable place fails before any planning (and is removed again if planning fails).
-    settings: what eval.json records of where the model came from. objective: as run_protocol's."""
+    settings: what eval.json records of where the model came from. objective: as run_protocol's.
+    oracle: the summary of the oracle on the same tasks, drawn beside this model in eval.png;
+    decoder: a pixel decoder of the model's latents, for videos of what it imagined."""
     if out_dir.exists():
         raise LeworldError(f"out_dir={out_dir} exists; results are never overwritten: pass another out_dir")
     try:
@@ -30,22 +36,24 @@ def evaluate(model, dataset: EpisodeDataset, planner_cfg: DictConfig, protocol: 
     except OSError as err:
         raise LeworldError(f"cannot create out_dir={out_dir} ({err.strerror or err}); pass a writable out_dir") from None
     try:
-        return _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir, settings, objective)
+        return _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir, settings, objective, oracle,
+                              decoder)
     except BaseException:
         if not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
 
 
-def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path, settings: dict, objective) -> dict:
+def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir: Path, settings: dict, objective,
+                   oracle: dict | None, decoder) -> dict:
     episodes, which = task_episodes(model, dataset)
     rows = sample_tasks(dataset, episodes, protocol.episodes, protocol.goal_offset, seed)
     receding = protocol.receding_horizon or protocol.horizon
     print(f"{model.env.name}: {protocol.episodes} episodes from {len(episodes)} {which} episodes of {dataset.path}; "
           f"goal {protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {planner_cfg.name}, "
           f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}")
-    results, solve_seconds, frames = run_protocol(model, dataset, rows, planner_cfg, protocol, seed, device,
-                                                  record=protocol.videos, objective=objective)
+    results, solve_seconds, seen = run_protocol(model, dataset, rows, planner_cfg, protocol, seed, device,
+                                                record=protocol.videos, objective=objective)
     report = {"planner": summary(results, solve_seconds)}
     print(f"{planner_cfg.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
           f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes, median final distance "
@@ -63,14 +71,20 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
               f"{100 * report['random']['standard_error']:.1f}%, median final distance "
               f"{report['random']['median_final_distance']:.3g}")
     goal_frames = dataset.tensors["pixels"][torch.as_tensor(rows[:protocol.videos] + protocol.goal_offset)].numpy()
-    videos = save_videos(frames, goal_frames, out_dir, protocol.videos)
+    videos = save_videos(seen, goal_frames, out_dir, protocol.videos)
+    if decoder is not None:
+        env = envs.make(model.env.name, **model.env.kwargs)  # its proprio(state), for models that read it
+        videos += imagined_videos(model, decoder, seen, goal_frames, out_dir,
+                                  env.proprio if "proprio" in dataset.tensors.keys() else None, device)
+        env.close()
     settings = settings | {"planner": OmegaConf.to_container(planner_cfg), "protocol": OmegaConf.to_container(protocol),
                            "seed": seed, "env": model.env.name, "dataset": str(dataset.path), "device": str(device),
                            "action_codec": model.codec.to_dict()}
     (out_dir / "eval.json").write_text(json.dumps({"settings": settings, "summary": report, "episodes": rows_out,
                                                    "videos": videos}, indent=1))
-    print(f"saved {out_dir / 'eval.json'} and {len(videos)} videos")
-    return report | {"out_dir": str(out_dir)}
+    pictures = [str(plot_eval(report, out_dir / "eval.png", oracle)), *videos]
+    print(f"saved {out_dir / 'eval.json'}, {out_dir / 'eval.png'} and {len(videos)} videos")
+    return report | {"out_dir": str(out_dir), "pictures": pictures}
 
 
 def print_anatomy(summary: dict) -> None:
@@ -90,14 +104,39 @@ def print_anatomy(summary: dict) -> None:
         print(line)
 
 
-def save_videos(frames: list[list[np.ndarray]], goal_frames: np.ndarray, folder: Path, count: int) -> list[str]:
-    """GIFs of the first `count` episodes: each frame beside the goal, scaled up to at least 192 px."""
+def write_gif(rows: list[list[np.ndarray]], path: Path, duration: int = 100) -> str:
+    """One GIF frame per row of equal frames (H, W, 3) uint8, side by side with a 1-px gap, scaled up
+    to at least 192 px."""
+    size = rows[0][0].shape[0]
+    scale, gap = max(1, 192 // size), np.zeros((size, 1, 3), np.uint8)
+    pictures = [Image.fromarray(repeat(np.concatenate([x for frame in row for x in (frame, gap)][:-1], axis=1),
+                                       "h w c -> (h s) (w t) c", s=scale, t=scale)) for row in rows]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration, loop=0)
+    return str(path)
+
+
+def save_videos(seen: list[dict], goal_frames: np.ndarray, folder: Path, count: int) -> list[str]:
+    """GIFs of the first `count` episodes: each frame beside the goal."""
+    return [write_gif([[frame, goal_frames[i]] for frame in episode["frames"]], folder / f"episode_{i}.gif")
+            for i, episode in enumerate(seen[:count])]
+
+
+@torch.no_grad()
+def imagined_videos(model, decoder, seen: list[dict], goal_frames: np.ndarray, folder: Path, proprio_of,
+                    device: torch.device) -> list[str]:
+    """GIFs of what the model imagined for each recorded episode's first plan, decoded (a pixel
+    decoder of its latents, leworld/decode.py): per chunk, what happened, what the model imagined,
+    and the goal. Where the first two part, the model was wrong. proprio_of: the env's state ->
+    proprio, for models that read it (else None)."""
     paths = []
-    for i, episode in enumerate(frames[:count]):
-        scale = max(1, 192 // goal_frames.shape[1])
-        pictures = [np.concatenate([frame, np.zeros_like(frame[:, :1]), goal_frames[i]], axis=1) for frame in episode]
-        images = [Image.fromarray(repeat(p, "h w c -> (h s) (w t) c", s=scale, t=scale)) for p in pictures]
-        path = folder / f"episode_{i}.gif"
-        images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
-        paths.append(str(path))
+    for i, episode in enumerate(seen):
+        start = torch.from_numpy(episode["first_frames"][0])
+        proprio = None if proprio_of is None else torch.as_tensor(
+            proprio_of(episode["first_states"][0]), dtype=torch.float32, device=device)[None, None]
+        with autocast(device):
+            z = model.encode(rearrange(start, "h w c -> 1 1 c h w").to(device), proprio)  # (1, 1, D)
+            imagined = torch.cat([z, model.rollout(z, episode["first_plan"][None].to(device))], 1)[0]
+        happened = list(episode["first_frames"]) + [np.zeros_like(goal_frames[i])] * len(imagined)  # black once it stopped
+        rows = [[real, drawn, goal_frames[i]] for real, drawn in zip(happened, decoder.draw(imagined))]
+        paths.append(write_gif(rows, folder / f"imagined_{i}.gif", duration=400))
     return paths

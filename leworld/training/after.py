@@ -10,8 +10,10 @@ from omegaconf import DictConfig
 
 from leworld.checkpoint import FILENAME
 from leworld.dataset import EpisodeDataset
+from leworld.decode import draws_vectors, save_decoder, train_decoder
 from leworld.models import WorldModel
 from leworld.planning import evaluate
+from leworld.plots import plot_training
 from leworld.probe import probe_world_model
 from leworld.runtime import RunLog
 
@@ -20,14 +22,24 @@ def after_training(model: WorldModel, cfg: DictConfig, dataset: EpisodeDataset, 
                    held_out: np.ndarray, device: torch.device, run_dir: Path, log: RunLog) -> dict:
     """Probe what the latents learned, then plan with the model, as configured."""
     results = {"run_dir": str(run_dir)}
+    pictures = run_dir / "plots"
+    pictures.mkdir(exist_ok=True)
+    results["pictures"] = [str(plot_training(run_dir / "metrics.jsonl", pictures / "training.png"))]
     model.eval()
     if cfg.probe_after_training:
-        results["probe"] = probe_world_model(model, dataset, train_episodes, held_out, cfg.probe, device, say=log.print)
+        results["probe"] = probe_world_model(model, dataset, train_episodes, held_out, cfg.probe, device, say=log.print,
+                                             pictures=pictures)
         (run_dir / "probe.json").write_text(json.dumps(results["probe"], indent=1))
+        results["pictures"] += [str(pictures / "probe.png"), str(pictures / "rollout.png")]
+    decoder = None
+    if cfg.get("decode_after_training", False) and draws_vectors(model, dataset, device):  # not patch tokens
+        decoder, results["decoder"] = train_decoder(model.requires_grad_(False), dataset, cfg, device, say=log.print)
+        save_decoder(decoder, run_dir / FILENAME, cfg, results["decoder"])
     log.close()
     if cfg.plan_after_training:
         results["eval"] = evaluate(model.requires_grad_(False), dataset, cfg.planner, cfg.protocol, cfg.seed, device,
-                                   run_dir / "eval", {"ckpt": str(run_dir / FILENAME)})
+                                   run_dir / "eval", {"ckpt": str(run_dir / FILENAME)}, decoder=decoder)
+        results["pictures"] += results["eval"]["pictures"]
     return results
 
 
@@ -52,4 +64,6 @@ def outcome_table(results: dict, minutes: float) -> str:
     first, second = max(len(r[0]) for r in rows) + 2, max(len(r[1]) for r in rows) + 2
     lines = [f"what {results['run_dir']} achieved:", f"  {'':<{first}}{'this model':<{second}}random init / random actions"]
     lines += [f"  {name:<{first}}{ours:<{second}}{floor}".rstrip() for name, ours, floor in rows]
+    if results.get("pictures"):
+        lines += ["pictures:"] + [f"  {path}" for path in results["pictures"]]
     return "\n".join(lines)

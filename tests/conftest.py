@@ -46,7 +46,8 @@ TINY_MODEL = ["backbone=vit_cpu", "model.latent_dim=32", "backbone.patch_size=8"
 TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale.cpu.episodes=16",
             "env.episode_length=40", "train.batch_size=32", "train.lr=2e-3", "train.log_every=5", "train.val_every=20",
             "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", "plan_after_training=false",
-            "decoder.steps=30", "decoder.frames=500", "decoder.widths=[32,16,8]", *TINY_MODEL]
+            "decode_after_training=false", "decoder.steps=30", "decoder.frames=500", "decoder.widths=[32,16,8]",
+            *TINY_MODEL]
 
 
 def written_with_these_files(dataset):
@@ -138,7 +139,7 @@ def trained(data_path, tmp_path_factory):
     """A tiny world model trained by a short run that first collects its (missing) dataset."""
     run_dir = tmp_path_factory.mktemp("runs") / "trained"
     done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=12", f"run_dir={run_dir}",
-               "plan_after_training=true", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
+               "plan_after_training=true", "decode_after_training=true", "planner.samples=16", "planner.elites=4", "planner.iterations=2",
                "protocol.episodes=3", "protocol.goal_offset=10", "protocol.budget=8", "protocol.horizon=2", "protocol.videos=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "collecting it first" in done.stdout

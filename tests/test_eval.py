@@ -52,7 +52,10 @@ def test_eval_runs_end_to_end_and_writes_its_files(trained, tmp_path):
         assert np.isin(episode, model.data.held_out).all()  # tasks from the held-out episodes only
     assert report["summary"]["planner"]["solves"] >= 2 * 2  # two batches, budget 12 > 2 chunks of 2 steps
     assert [r["dataset_row"] for r in report["episodes"]["planner"]] == [r["dataset_row"] for r in report["episodes"]["random"]]
-    assert sorted(p.name for p in out.glob("*.gif")) == ["episode_0.gif", "episode_1.gif"]
+    # each episode beside its goal, and what the model imagined (its run trained a pixel decoder after the model)
+    assert sorted(p.name for p in out.glob("*.gif")) == ["episode_0.gif", "episode_1.gif", "imagined_0.gif",
+                                                          "imagined_1.gif"]
+    assert (out / "eval.png").is_file()
 
 
 def test_every_planner_runs(trained, tmp_path):

@@ -134,7 +134,7 @@ def test_baseline_trains_and_plans(data_path, trained, tmp_path):
     done = run("train", *tiny, "model=dinowm", f"model.encoder.weights={weights}", "model.image_size=32",
                "model.frameskip=2", "model.predictor.depth=2", "model.predictor.heads=2", "model.predictor.head_dim=16",
                "model.predictor.mlp_hidden=128", f"data.path={data_path}", "train.epochs=8", "train.lr=1e-3",
-               f"run_dir={run_dir}")
+               "decode_after_training=true", f"run_dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"] and "sigreg" not in rows[-1]

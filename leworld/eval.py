@@ -1,5 +1,6 @@
 """Plan with a trained world model:  python -m leworld.eval ckpt=<run folder> [planner=cem] [key=value ...]
 Plan with the simulator itself:     python -m leworld.eval model=oracle env=pusht
+Plan with a stable-worldmodel LeWM:  python -m leworld.eval ckpt=<its checkpoint folder> env=pusht
 
 Runs the planning protocol of LeWM and DINO-WM (leworld/planning/, configs/protocol/default.yaml)
 on held-out episodes of the model's dataset, against random actions, and writes eval.json and GIFs
@@ -15,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import envs
 from leworld import LeworldError, settings
-from leworld.checkpoint import FILENAME, resolve_path
+from leworld.checkpoint import FILENAME
 from leworld.dataset import EpisodeDataset
 from leworld.decode import FOLDER as DECODER
 from leworld.decode import load_decoder
-from leworld.models import EnvSpec, load_world_model, open_dataset
+from leworld.models import EnvSpec, open_world_model
 from leworld.planning import LatentObjective, Oracle, SimulatorObjective, check_protocol, evaluate, make_planner
 from leworld.prior import load_prior
 from leworld.runtime import check_values, load_config, pick_device, run_main
@@ -42,12 +43,11 @@ def run_eval(cfg: DictConfig) -> dict:
     if cfg.ckpt is None:
         raise LeworldError("ckpt is required: python -m leworld.eval ckpt=<run folder or checkpoint> (or model=oracle "
                            "env=<name> to plan with the simulator itself)")
-    path = resolve_path(cfg.ckpt)
-    model = load_world_model(path, device).requires_grad_(False)
+    model, path, dataset = open_world_model(cfg, device, "eval")
+    model.requires_grad_(False)
     expected = OmegaConf.select(cfg, "env.name")
     if expected is not None and expected != model.env.name:
         raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
-    dataset = open_dataset(model, cfg.data_path)
     make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
     with_prior = cfg.prior or cfg.planner.name == "prior"
     prior = load_prior(path, model, device) if with_prior else None

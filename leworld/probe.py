@@ -18,11 +18,10 @@ from torch import Tensor, nn
 
 from leworld import LeworldError, settings
 from leworld.nn.preprocess import normalize, resize, to_float
-from leworld.checkpoint import resolve_path
 from leworld.dataset import ClipSampler
-from leworld.models import load_world_model, open_dataset
+from leworld.models import open_world_model
 from leworld.plots import plot_probe, plot_rollout
-from leworld.runtime import autocast, check_values, pick_device, require, run_main
+from leworld.runtime import autocast, check_values, pick_device, run_main
 
 
 @torch.no_grad()
@@ -184,11 +183,9 @@ def probe(cfg: DictConfig) -> dict:
     """python -m leworld.probe ckpt=<run folder or checkpoint>: probe a trained world model on the
     held-out episodes of its dataset (the split it was trained with), and write probe.json beside
     the checkpoint."""
-    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.probe ckpt=<run folder or checkpoint>"))
     check_values(cfg, settings.PROBE_VERB)
     device = pick_device(cfg.device)
-    model = load_world_model(path, device)
-    dataset = open_dataset(model, cfg.data_path)
+    model, path, dataset = open_world_model(cfg, device, "probe")
     if dataset.fingerprint() != model.data.fingerprint:
         raise LeworldError(f"{dataset.path} is not the dataset {path} was trained on, so its training and held-out "
                            "episodes are unknown; drop data_path= (the model's own dataset is used)")

@@ -25,11 +25,10 @@ from torch import Tensor
 
 import envs
 from leworld import LeworldError, settings
-from leworld.checkpoint import resolve_path
 from leworld.dataset import ClipSampler
-from leworld.models import load_world_model, open_dataset
+from leworld.models import open_world_model
 from leworld.plots import plot_surprise
-from leworld.runtime import autocast, check_values, pick_device, require, run_main
+from leworld.runtime import autocast, check_values, pick_device, run_main
 
 
 def perturbations_of(env: envs.Env) -> list[str]:
@@ -163,11 +162,10 @@ def report(results: dict, cfg: DictConfig, say=print) -> None:
 
 
 def surprise(cfg: DictConfig) -> dict:
-    path = resolve_path(require(cfg, "ckpt", "ckpt is required: python -m leworld.surprise ckpt=<run folder or checkpoint>"))
     check_values(cfg, settings.SURPRISE_VERB)
     device = pick_device(cfg.device)
-    model = load_world_model(path, device).requires_grad_(False)
-    dataset = open_dataset(model, cfg.data_path)
+    model, path, dataset = open_world_model(cfg, device, "surprise")
+    model.requires_grad_(False)
     if dataset.fingerprint() != model.data.fingerprint:
         raise LeworldError(f"{dataset.path} is not the dataset {path} was trained on, so its held-out episodes are "
                            "unknown; drop data_path= (the model's own dataset is used)")

@@ -4,17 +4,15 @@ Skipped without the community extra (pip install 'leworld[community]'); CI insta
 test extra."""
 
 import functools
-import importlib
-import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN, needs_community, run, train_probe_and_plan
+from swm_reference import swm
 from test_envs import pusht_rollouts
 from test_eval import SMALL
 
@@ -31,25 +29,9 @@ pytestmark = needs_community
 
 @functools.cache
 def swm_hdf5():
-    """stable-worldmodel's own HDF5 module (HDF5Writer, HDF5Dataset). Its package's __init__ imports
-    torchvision, whose PyPI wheel needs a CUDA build of torch; where that import fails (a CPU
-    torch), the module is loaded from the installed package without running the packages'
-    __init__ files: the same code, reached without the parts it does not use."""
-    if importlib.util.find_spec("stable_worldmodel") is None:
-        pytest.skip("needs stable-worldmodel (the test extra: pip install 'leworld[test]')")
-    try:
-        from stable_worldmodel.data.formats import hdf5
-        return hdf5
-    except (ImportError, RuntimeError):
-        for name in [m for m in sys.modules if m.startswith("stable_worldmodel")]:
-            del sys.modules[name]
-        root = Path(importlib.util.find_spec("stable_worldmodel").origin).parent
-        for name, folder in [("stable_worldmodel", root), ("stable_worldmodel.data", root / "data"),
-                             ("stable_worldmodel.data.formats", root / "data" / "formats")]:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-        return importlib.import_module("stable_worldmodel.data.formats.hdf5")
+    """stable-worldmodel's own HDF5 module (HDF5Writer, HDF5Dataset), loaded past the torchvision its
+    package imports (tests/swm_reference.py)."""
+    return swm("data.formats.hdf5")
 
 
 def gym_pusht_episodes(count: int, steps: int, image_size: int = 32, seed: int = 0) -> list[dict]:

@@ -26,8 +26,12 @@ def bench_planning(cfg: DictConfig) -> dict:
     side, `compile` the cost under torch.compile (on CUDA with CUDA graphs: CEM's shapes do not
     change); their variants are timed in turn, repeat by repeat. Where a solve is too slow to run
     whole (DINO-WM on a CPU), `measure` runs fewer samples and iterations and scales the planning
-    part by the ratio: every cost call does the same work per sample."""
+    part by the ratio: every cost call does the same work per sample. With `swm` (a stable-worldmodel
+    LeWM checkpoint folder): that model under leworld's CEM and under stable-worldmodel's (bench/swm.py)."""
     spec = cfg.planning
+    if spec.swm is not None:
+        from leworld.bench.swm import bench_swm  # here: only this comparison needs stable-worldmodel
+        return bench_swm(cfg)
     device = pick_device(cfg.device)
     print_header(f"CEM {spec.cem.samples} samples x {spec.cem.iterations} iterations, horizon {spec.horizon} chunks, "
                  f"{spec.context} context frames; random weights, median of {spec.repeats}", machine_name(device), "planning")

@@ -49,8 +49,14 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict, 
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder holding one."""
+    """A checkpoint file, or a run folder holding one; for a stable-worldmodel checkpoint folder
+    (config.json and one .pt file, leworld/models/swm_format.py) its .pt file."""
     path = Path(path)
+    if path.is_dir() and not (path / FILENAME).exists() and (path / "config.json").is_file() and any(path.glob("*.pt")):
+        found = sorted(path.glob("*.pt"))
+        if len(found) > 1:
+            raise LeworldError(f"{path} holds {len(found)} .pt files; pass the one to load (ckpt={found[-1]})")
+        return found[0]
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():

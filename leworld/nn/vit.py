@@ -57,12 +57,12 @@ class Block(nn.Module):
     """Pre-norm transformer block, with layer scale when `layer_scale` (its initial value) is set."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float | None = None,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, head_dim)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
 
@@ -85,6 +85,7 @@ class ViT(nn.Module):
         in_channels: int = 3,
         layer_scale: float | None = None,
         registers: int = 0,
+        eps: float = 1e-6,  # the LayerNorms' (DINOv2's; Hugging Face's ViT uses 1e-12)
     ):
         super().__init__()
         if image_size % patch_size:
@@ -96,8 +97,8 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))  # CLS first, then patches
         self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, layer_scale) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, layer_scale, eps=eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

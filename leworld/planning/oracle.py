@@ -4,10 +4,10 @@ planned with SimulatorObjective."""
 
 from dataclasses import dataclass
 
-import envs
 from leworld.codec import ActionCodec
 from leworld.dataset import EpisodeDataset
 from leworld.models.base import DataRecord, EnvSpec
+from leworld.models.saved import tasks_of
 
 
 @dataclass
@@ -25,8 +25,5 @@ class Oracle:
     def of(cls, env: EnvSpec, dataset: EpisodeDataset, frameskip: int, val_fraction: float, seed: int) -> "Oracle":
         """The oracle of `env` on the tasks of `dataset`, with the action codec and held-out
         episodes a training run with that frameskip, val_fraction and seed makes."""
-        dataset.check_env(env.name, f"pass data_path=<a {env.name} dataset>")
-        space = envs.make(env.name, **env.kwargs).action_space
-        codec = ActionCodec.from_stats(dataset.meta["stats"]["action"], space.low, space.high, frameskip)
-        _, held_out = dataset.split(val_fraction, seed)
-        return cls(codec, env, DataRecord.of(dataset, held_out))
+        codec, data = tasks_of(env, dataset, frameskip, val_fraction, seed)
+        return cls(codec, env, data)

@@ -20,6 +20,7 @@ def test_the_results_run_runs_every_stage_and_writes_its_summary(tmp_path):
     assert trained["steps"] > 25 and 0 <= trained["eval"]["planner"]["success_rate"] <= 1
     assert "block_angle.cos" in trained["probe"]["r2"]["trained"]
     assert (out / "train" / "checkpoint.safetensors").exists() and (tmp_path / "data" / "pusht-smoke" / "meta.json").exists()
+    assert (out / "train" / "decoder" / "checkpoint.safetensors").exists() and list((out / "train" / "eval").glob("imagined_*.gif"))
     assert set(stages["bench_train"]["result"]["lewm_cpu"]) >= {"clips_per_s", "gflop_per_step", "mfu"}
     assert stages["bench_train"]["result"]["lewm_cpu"]["gflop_per_step"] > 0
     assert set(stages["bench_planning"]["result"]) == {"lewm_cpu 1 env", "dinowm_cpu 1 env"}

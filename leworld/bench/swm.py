@@ -103,11 +103,17 @@ def their_lewm(folder: Path) -> torch.nn.Module:
                                  intermediate_size=round(enc["mlp_ratio"] * enc["dim"]), image_size=enc["image_size"],
                                  patch_size=enc["patch_size"], layer_norm_eps=enc["eps"]), add_pooling_layer=False)
     norms = {"batch": torch.nn.BatchNorm1d, "layer": torch.nn.LayerNorm, None: None}
-    head = lambda c: c and module.MLP(c["input_dim"], c["hidden_dim"], c["output_dim"], norm_fn=norms[c["norm"]])  # noqa: E731
+
+    def head(c: dict | None):
+        return c and module.MLP(c["input_dim"], c["hidden_dim"], c["output_dim"], norm_fn=norms[c["norm"]])
+
     model = lewm.LeWM(encoder, module.Predictor(**cfg["predictor"]), module.Embedder(**cfg["action_encoder"]),
                       head(cfg["projector"]), head(cfg["pred_proj"]))
     state = read_weights(resolve_path(folder))
-    if any(".layers." in k for k in model.state_dict()) != any(k.startswith("encoder.layers.") for k in state):
+    def spelled_as_5(keys) -> bool:
+        return any(k.startswith("encoder.layers.") for k in keys)
+
+    if spelled_as_5(model.state_dict()) != spelled_as_5(state):
         state = respell(state)  # saved under the other transformers spelling than the installed one
     load_weights(model, {k: v for k, v in state.items() if "mask_token" not in k}, folder)
     return model.eval()

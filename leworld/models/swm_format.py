@@ -17,10 +17,11 @@ from torch import Tensor
 
 from leworld import LeworldError
 
-# the `_target_`s a LeWM checkpoint names, per place; le-wm's own (jepa.JEPA, module.*) and stable-worldmodel's
+# the `_target_`s a LeWM checkpoint names: the model's, and each component's; le-wm's own (jepa.JEPA,
+# module.*) and stable-worldmodel's
+MODEL_TARGETS = {"stable_worldmodel.wm.lewm.LeWM", "stable_worldmodel.wm.lewm.lewm.LeWM", "stable_worldmodel.wm.LeWM",
+                 "jepa.JEPA"}
 TARGETS = {
-    "model": {"stable_worldmodel.wm.lewm.LeWM", "stable_worldmodel.wm.lewm.lewm.LeWM", "stable_worldmodel.wm.LeWM",
-              "jepa.JEPA"},
     "encoder": {"stable_pretraining.backbone.utils.vit_hf", "stable_pretraining.backbone.vit_hf"},
     "predictor": {"stable_worldmodel.wm.lewm.module.Predictor", "module.ARPredictor"},
     "action_encoder": {"stable_worldmodel.wm.lewm.module.Embedder", "module.Embedder"},
@@ -63,17 +64,17 @@ def check_targets(config: dict, folder: Path) -> None:
     component's keys are its constructor's. Nothing named is imported or called."""
     def refuse(where: str, what) -> None:
         raise LeworldError(f"{folder / 'config.json'} names {what!r} at {where}; leworld reads only stable-worldmodel's "
-                           f"LeWM ({', '.join(sorted(TARGETS['model']))}) and runs nothing a config names")
+                           f"LeWM ({', '.join(sorted(MODEL_TARGETS))}) and runs nothing a config names")
 
-    if config.get("_target_") not in TARGETS["model"]:
+    if config.get("_target_") not in MODEL_TARGETS:
         refuse("_target_", config.get("_target_"))
     for key, value in config.items():
-        if key in TARGETS and key != "model":
+        if key in TARGETS:
             if value is None and key in ("projector", "pred_proj"):
                 continue
             if not isinstance(value, dict):
                 refuse(key, value)
-            if value.get("_target_", next(iter(TARGETS[key]))) not in TARGETS[key]:
+            if value.get("_target_") not in TARGETS[key] | {None}:  # le-wm's converted configs drop it
                 refuse(f"{key}._target_", value["_target_"])
             for name, argument in value.items():
                 if name == "_target_":

@@ -49,7 +49,7 @@ PLANNERS = {
              "min_std": POSITIVE, "max_std": POSITIVE},
     "gradient": {"restarts": COUNT, "steps": COUNT, "lr": POSITIVE, "std": (float, 0, None)},
     "random_actions": {},
-    "prior": {},
+    "prior": {"receding_horizon": nullable(COUNT)},
 }
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 DECODER = {"widths": COUNT, "frames": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1),
@@ -83,7 +83,7 @@ def train(cfg: DictConfig) -> dict:
     backbone = prefixed("backbone", BACKBONES.get(OmegaConf.select(cfg, "backbone.name"), {}))  # a LeWM's, by its name
     return {"seed": SEED, "data.val_fraction": (float, 0, 0.99), **prefixed("train", TRAINING), **prefixed("env", ENV),
             **backbone, **model(cfg.model), **prefixed("probe", PROBE), **prefixed("decoder", DECODER),
-            **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
+            **prefixed("prior", PRIOR), **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -25,7 +25,7 @@ from planners.base import CostFn
 class Objective(Protocol):
     def cost_fn(self, observed: dict[str, np.ndarray], chunks: Tensor | None, index: np.ndarray) -> CostFn:
         """observed: the last frames of the environments in `index`, {"pixels": (b, T, H, W, 3) uint8,
-        "state": (b, T, S)}; chunks: the action chunks taken between those frames (b, T − 1, fs·A),
+        "state": (b, T, S), "steps": (b,) env steps taken so far}; chunks: the action chunks taken between those frames (b, T − 1, fs·A),
         None when T = 1.
         -> the cost of plans (b, S, H, fs·A) for those environments."""
 
@@ -84,7 +84,7 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
     while (active := np.flatnonzero(~success & (steps < budget))).size:
         seen = min(history, *(len(pixels[i]) for i in active))  # frames shown to the objective
         observed = {"pixels": np.stack([pixels[i][-seen:] for i in active]),
-                    "state": np.stack([states[i][-seen:] for i in active])}
+                    "state": np.stack([states[i][-seen:] for i in active]), "steps": steps[active]}
         taken = torch.stack([torch.stack(chunks[i][-(seen - 1):]) for i in active]) if seen > 1 else None
         synchronize()
         start = time.perf_counter()

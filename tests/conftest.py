@@ -47,7 +47,7 @@ TINY_RUN = ["logger=none", "env=tworoom", "env.kwargs.image_size=32", "env.scale
             "env.episode_length=40", "train.batch_size=32", "train.lr=2e-3", "train.log_every=5", "train.val_every=20",
             "train.val_batches=2", "probe.frames=300", "probe.clips=32", "probe.horizon=3", "plan_after_training=false",
             "decode_after_training=false", "decoder.steps=30", "decoder.frames=500", "decoder.widths=[32,16,8]",
-            *TINY_MODEL]
+            "prior_after_training=false", "prior.steps=60", "prior.hidden=[64]", "prior.check_every=20", *TINY_MODEL]
 
 
 def written_with_these_files(dataset):

@@ -96,18 +96,25 @@ def test_a_presets_recipe_for_an_env_applies_and_the_command_line_wins():
     assert load_config("train", ["env=reacher", "model=lewm_gpu"]).model.sigreg.weight == paper["model"]["sigreg"]["weight"]
 
 
-def test_a_lewm_with_proprioception_trains_saves_its_statistics_and_plans(data_path, trained, tmp_path):
+def test_a_lewm_with_proprioception_trains_saves_its_statistics_and_plans_with_cem_and_its_prior(data_path, trained,
+                                                                                                tmp_path):
     run_dir = tmp_path / "proprio"
     done = run("train", *TINY_RUN, f"data.path={data_path}", "train.epochs=1", "model.proprio.use=true",
                "probe_after_training=false", "plan_after_training=true", "planner.samples=8", "planner.elites=2",
                "planner.iterations=1", "protocol.episodes=2", "protocol.goal_offset=4", "protocol.budget=4",
-               "protocol.horizon=2", "protocol.videos=0", f"run_dir={run_dir}")
+               "protocol.horizon=2", "protocol.videos=0", "prior_after_training=true", f"run_dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_world_model(run_dir)
     proprio = open_dataset(model).tensors["proprio"][:].float()
     assert model.cfg.proprio.dim == proprio.shape[1]
     torch.testing.assert_close(model.proprio_mean, proprio.mean(0))
-    assert "planning success" in done.stdout
+    assert "planning success" in done.stdout and "policy prior alone: success" in done.stdout
+    # the policy prior, trained after the world model, plans alone on the same tasks, asked again every chunk
+    assert load_checkpoint(run_dir / "prior").info["world_model_step"] == load_checkpoint(run_dir).info["step"]
+    cem, alone = (json.loads((run_dir / folder / "eval.json").read_text()) for folder in ("eval", "eval-prior"))
+    assert alone["settings"]["planner"] == {"name": "prior", "receding_horizon": 1} and alone["settings"]["prior"]
+    assert [e["dataset_row"] for e in alone["episodes"]["planner"]] == [e["dataset_row"] for e in cem["episodes"]["planner"]]
+    assert "random" in cem["summary"] and "random" not in alone["summary"]
 
 
 def test_the_checkpoint_says_what_the_model_is_for(trained, data_path):

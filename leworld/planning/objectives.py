@@ -62,12 +62,15 @@ class LatentObjective:
 
     @torch.no_grad()
     def propose(self, observed: dict, index: np.ndarray) -> torch.Tensor | None:
-        """The prior's plan (b, H, fs·A) from the last observed frame to the goal; None without a prior."""
+        """The prior's plan (b, H, fs·A) from the last observed frame to the goal in the steps left of
+        its horizon (at least one chunk, once they are spent); None without a prior."""
         if self.prior is None:
             return None
         proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"][:, -1:])
         latent = self.encode(observed["pixels"][:, -1:], proprio)[:, 0]  # (b, D)
-        return self.prior(latent, self.goals[torch.as_tensor(index, device=self.device)])
+        taken = torch.as_tensor(observed.get("steps", np.zeros(len(index), dtype=int)), device=self.device)  # (b,)
+        left = self.prior.chunks_left(self.prior.horizon * self.prior.frameskip - taken)
+        return self.prior(latent, self.goals[torch.as_tensor(index, device=self.device)], left)
 
     def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
         proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"])

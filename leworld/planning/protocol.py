@@ -30,7 +30,7 @@ def check_protocol(cfg: DictConfig) -> None:
 
 def make_planner(cfg: DictConfig, codec: ActionCodec, seed: int, device: torch.device):
     """The planner of cfg (configs/planner/*.yaml), searching chunks inside the env's bounds."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
+    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "receding_horizon")}
     if cfg.name not in PLANNERS:
         raise LeworldError(f"there is no planner={cfg.name}; choose one of: {', '.join(PLANNERS)}")
     try:
@@ -38,6 +38,13 @@ def make_planner(cfg: DictConfig, codec: ActionCodec, seed: int, device: torch.d
                                   **settings)
     except (TypeError, ValueError) as err:
         raise LeworldError(f"planner={cfg.name}: {err}") from None
+
+
+def chunks_per_solve(planner_cfg: DictConfig, protocol: DictConfig) -> int:
+    """Chunks executed before planning again: the protocol's receding_horizon where set, else the
+    planner's own (the policy prior's 1: a closed-loop controller, asked again after every chunk),
+    else the whole plan, as LeWM does."""
+    return protocol.receding_horizon or planner_cfg.get("receding_horizon") or protocol.horizon
 
 
 def task_episodes(model, dataset: EpisodeDataset) -> tuple[np.ndarray, str]:
@@ -89,7 +96,7 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
         recorded = recorded_plans(dataset.tensors["action"], batch_rows, model.codec, protocol.horizon,
                                   protocol.goal_offset) if anatomy else None
         result = run_mpc(batch, costs, planner, model.codec.to_env, horizon=protocol.horizon,
-                         receding_horizon=protocol.receding_horizon or protocol.horizon, budget=protocol.budget,
+                         receding_horizon=chunks_per_solve(planner_cfg, protocol), budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
                          synchronize=synchronize, compare=recorded)
         for env in batch:

@@ -15,7 +15,7 @@ import envs
 from leworld import LeworldError
 from leworld.dataset import EpisodeDataset
 from leworld.planning.objectives import LatentObjective
-from leworld.planning.protocol import run_protocol, sample_tasks, summary, task_episodes
+from leworld.planning.protocol import chunks_per_solve, run_protocol, sample_tasks, summary, task_episodes
 from leworld.plots import plot_eval
 from leworld.runtime import autocast
 
@@ -48,7 +48,7 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
                    oracle: dict | None, decoder) -> dict:
     episodes, which = task_episodes(model, dataset)
     rows = sample_tasks(dataset, episodes, protocol.episodes, protocol.goal_offset, seed)
-    receding = protocol.receding_horizon or protocol.horizon
+    receding = chunks_per_solve(planner_cfg, protocol)
     print(f"{model.env.name}: {protocol.episodes} episodes from {len(episodes)} {which} episodes of {dataset.path}; "
           f"goal {protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {planner_cfg.name}, "
           f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}")

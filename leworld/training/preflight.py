@@ -18,6 +18,7 @@ from leworld.dataset import ClipSampler, EpisodeDataset
 from leworld.folders import FolderLock, lock_folder
 from leworld.models import WORLD_MODELS, DataRecord, EnvSpec, WorldModel, model_class, model_of_checkpoint
 from leworld.planning import check_protocol, make_planner, sample_tasks
+from leworld.prior import check_offset
 from leworld.runtime import Processes, check_values, load_config, new_run_dir
 
 # what a resume may be given besides the run's own settings
@@ -184,4 +185,6 @@ def check_later_steps(cfg: DictConfig, dataset: EpisodeDataset, held_out: np.nda
         ClipSampler(dataset, held_out, cfg.model.history + cfg.probe.horizon, model.codec)
     if cfg.plan_after_training:
         sample_tasks(dataset, held_out, 1, cfg.protocol.goal_offset, cfg.seed)
+    if cfg.prior_after_training:
+        check_offset(cfg.protocol, model.frameskip)
     make_planner(cfg.planner, model.codec, cfg.seed, device)  # saved with the run, and eval's default: valid either way

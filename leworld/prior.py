@@ -5,8 +5,9 @@ plan the dataset took from a frame to the frame 1 to `horizon` chunks later, tol
 that is: every such pair of its training episodes, the recorded action chunks as the target
 (hindsight: whatever an episode did reaches where it went). The world model and its two-term
 training are untouched. The prior is saved in <run>/prior/ and used by `python -m leworld.eval
-ckpt=<run> prior=true` (CEM starts from its plan) or `planner=prior` (its plan alone, no search;
-with protocol.receding_horizon=1 a closed-loop controller asked again after every chunk).
+ckpt=<run> prior=true` (CEM starts from its plan) or `planner=prior` (its plan alone, no search,
+asked again after every chunk: configs/planner/prior.yaml; protocol.receding_horizon=5 runs its
+plans whole).
 """
 
 import math

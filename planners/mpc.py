@@ -49,12 +49,16 @@ class MPCResult:
 
 def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor], np.ndarray], *, horizon: int,
             receding_horizon: int, budget: int, frameskip: int, history: int, record: bool = False,
-            synchronize: Callable[[], None] = lambda: None, compare: Tensor | None = None) -> MPCResult:
+            synchronize: Callable[[], None] = lambda: None, compare: Tensor | None = None,
+            goal_steps: int | None = None) -> MPCResult:
     """Run B environments (already reset to their starts and goals, observations in envs' last
     frames) under MPC. to_env: chunks (B, k, fs·A) -> raw actions (B, k·fs, A). history: frames the
     objective is shown (the last ones, one per chunk). synchronize: waits for an accelerator, so
     that solve times are real. compare: plans (B, P, H, fs·A) that the first solve's cost function
-    scores beside the plan it chose (untimed), e.g. the recorded actions that reach each goal."""
+    scores beside the plan it chose (untimed), e.g. the recorded actions that reach each goal.
+    goal_steps: the env steps in which the goal is due; where given, each solve plans only the chunks
+    left until then (at least one), so that the cost is the latent of the step the goal is due, and,
+    once it is past, of the next chunk (None: every solve plans `horizon` chunks)."""
     if not 0 < receding_horizon <= horizon:
         raise ValueError(f"receding_horizon must be in 1..horizon={horizon}, got {receding_horizon}")
     b = len(envs)
@@ -80,7 +84,7 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
             states[i].append(info["state"])
             chunks[i].append(planned[k].cpu())
 
-    solve_seconds, plan, first = [], None, {}
+    solve_seconds, plan, first, executing = [], None, {}, receding_horizon
     while (active := np.flatnonzero(~success & (steps < budget))).size:
         seen = min(history, *(len(pixels[i]) for i in active))  # frames shown to the objective
         observed = {"pixels": np.stack([pixels[i][-seen:] for i in active]),
@@ -90,15 +94,18 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
         start = time.perf_counter()
         cost_fn = objective.cost_fn(observed, taken, active)
         proposed = objective.propose(observed, active) if hasattr(objective, "propose") else None
-        warm = proposed if proposed is not None else None if plan is None else shift(plan[active], receding_horizon)
-        new_plan = planner.plan(cost_fn, len(active), horizon, init=warm).detach()  # (b, H, fs·A)
-        synchronize()
+        length = horizon if goal_steps is None else chunks_to(goal_steps - steps[active].max(), frameskip, horizon)
+        warm = proposed if proposed is not None else None if plan is None else shift(plan[active], executing)
+        new_plan = planner.plan(cost_fn, len(active), length, init=None if warm is None else warm[:, :length]).detach()
+        synchronize()  # new_plan: (b, length, fs·A)
         solve_seconds.append(time.perf_counter() - start)
         if plan is None:
-            plan = torch.zeros(b, *new_plan.shape[1:], device=new_plan.device)
-        plan[torch.as_tensor(active, device=plan.device)] = new_plan
+            plan = torch.zeros(b, horizon, new_plan.shape[-1], device=new_plan.device)
+        plan[torch.as_tensor(active, device=plan.device)] = 0.0
+        plan[torch.as_tensor(active, device=plan.device), :length] = new_plan
 
-        executed = new_plan[:, :receding_horizon]
+        executing = min(receding_horizon, length)
+        executed = new_plan[:, :executing]
         raw = to_env(executed)  # (b, k·fs, A)
         for row, i in enumerate(active):
             execute(i, raw[row], executed[row])
@@ -120,3 +127,8 @@ def shift(plan: Tensor, executed: int) -> Tensor:
     """The rest of a plan (B, H, A) after `executed` chunks, padded with zeros (the mean of
     normalised actions): the warm start of the next solve."""
     return torch.cat([plan[:, executed:], torch.zeros_like(plan[:, :executed])], dim=1)
+
+
+def chunks_to(steps: int, frameskip: int, horizon: int) -> int:
+    """Whole chunks that cover `steps` env steps, at least one, at most `horizon`."""
+    return min(max(-(-steps // frameskip), 1), horizon)

@@ -159,3 +159,27 @@ def test_mpc_without_success_uses_the_whole_budget():
                      RandomActions(4, Bounds(*codec.bounds()), seed=0), codec.to_env,
                      horizon=2, receding_horizon=2, budget=9, frameskip=2, history=3)
     assert not result.success[0] and result.steps[0] == 9 and len(result.solve_seconds) == 3
+
+
+def test_mpc_plans_only_the_chunks_left_until_the_goal_is_due():
+    """goal_steps: each solve's horizon is the chunks left to the step the goal is due (at least one),
+    its warm start the rest of the last plan cut to that length, and it executes at most that many."""
+    env = envs.make("tworoom", image_size=16)
+    start = env.sample_state(np.random.default_rng(3))
+    env.reset(options={"state": start, "goal": start + np.array([500.0, 0, 0, 0])})  # unreachable
+    codec = ActionCodec((0.0, 0.0), (1.0, 1.0), (-1.0, -1.0), (1.0, 1.0), 2)
+    seen = []
+
+    class Spy(RandomActions):
+        def plan(self, cost_fn, batch_size, horizon, init=None):
+            plan = super().plan(cost_fn, batch_size, horizon, init)
+            seen.append((horizon, None if init is None else tuple(init.shape), tuple(cost_fn(plan[:, None]).shape)))
+            return plan
+
+    result = run_mpc([env], SimulatorObjective("tworoom", start[None], lambda s, g: 0.0, codec),
+                     Spy(4, Bounds(*codec.bounds()), seed=0), codec.to_env, horizon=3, receding_horizon=2,
+                     budget=13, frameskip=2, history=1, goal_steps=7)
+    # 7 steps are 4 chunks: capped at 3; after 2 chunks 3 steps are left (2 chunks), then it is due (1 chunk)
+    assert [h for h, _, _ in seen] == [3, 2, 1, 1, 1] and result.steps[0] == 13
+    assert [init for _, init, _ in seen] == [None, (1, 2, 4), (1, 1, 4), (1, 1, 4), (1, 1, 4)]
+    assert all(costs == (1, 1) for _, _, costs in seen)

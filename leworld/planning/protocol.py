@@ -98,7 +98,8 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
         result = run_mpc(batch, costs, planner, model.codec.to_env, horizon=protocol.horizon,
                          receding_horizon=chunks_per_solve(planner_cfg, protocol), budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
-                         synchronize=synchronize, compare=recorded)
+                         synchronize=synchronize, compare=recorded,
+                         goal_steps=protocol.goal_offset if protocol.get("shrink_horizon") else None)
         for env in batch:
             env.close()
         episodes = [{"episode": first + i, "seed": seed, "dataset_row": int(row), "success": bool(result.success[i]),

@@ -95,7 +95,7 @@ def train_prior(model, dataset, cfg: DictConfig, device: torch.device, say=print
         f"chunks of {model.frameskip} steps later, {len(check)} of {aside} more to stop on, {len(val)} held out")
     seed_everything(cfg.seed)
     policy = GoalPolicy(fit.latents.shape[1], horizon, fit.plans.shape[-1], list(cfg.prior.hidden), cfg.prior.dropout,
-                        model.frameskip).to(device)
+                        model.frameskip, cfg.prior.heads).to(device)
     best_step = fit_policy(policy, fit, check, cfg.prior, cfg.seed, device)
     results = {"pairs": len(fit), "held_out_pairs": len(val), "best_step": best_step,
                "train_mse": mse(policy, fit, device, horizon), "check_mse": mse(policy, check, device, horizon),
@@ -115,11 +115,16 @@ def left_mask(chunks: Tensor, horizon: int) -> Tensor:
     return (torch.arange(horizon, device=chunks.device) < chunks[:, None])[..., None]
 
 
-def plan_error(policy: GoalPolicy, pairs: Pairs, index: Tensor, chunks: Tensor, device) -> tuple[Tensor, Tensor]:
-    """-> the squared error summed over the chunks that lead to each goal, and how many numbers it sums."""
+def plan_error(policy: GoalPolicy, pairs: Pairs, index: Tensor, chunks: Tensor, device,
+               others: float = 0.0) -> tuple[Tensor, Tensor]:
+    """-> the squared error summed over the chunks that lead to each goal, of the head closest to
+    each recorded plan (winner takes all; `others`: the weight of the other heads' mean error, so
+    that no head is left untrained), and how many numbers of one plan it sums."""
     z, goal, chunks, plans = (t.to(device) for t in pairs.take(index, chunks))
-    mask = left_mask(chunks, policy.horizon)
-    return ((policy(z, goal, chunks) - plans).square() * mask).sum(), mask.sum() * plans.shape[-1]
+    mask = left_mask(chunks, policy.horizon)  # (n, H, 1)
+    per_head = ((policy(z, goal, chunks) - plans[:, None]).square() * mask[:, None]).sum((2, 3))  # (n, K)
+    error = (1 - others) * per_head.min(1).values + others * per_head.mean(1)  # (n,)
+    return error.sum(), mask.sum() * plans.shape[-1]
 
 
 def fit_policy(policy: GoalPolicy, fit: Pairs, check: Pairs, spec: DictConfig, seed: int, device) -> int:
@@ -133,7 +138,7 @@ def fit_policy(policy: GoalPolicy, fit: Pairs, check: Pairs, spec: DictConfig, s
     for step in range(1, spec.steps + 1):
         batch = torch.randint(len(fit), (spec.batch_size,), generator=generator)
         chunks = torch.randint(1, policy.horizon + 1, (spec.batch_size,), generator=generator)
-        total, count = plan_error(policy, fit, batch, chunks, device)
+        total, count = plan_error(policy, fit, batch, chunks, device, spec.others_weight if policy.heads > 1 else 0.0)
         optimizer.zero_grad(set_to_none=True)
         (total / count).backward()
         optimizer.step()
@@ -149,7 +154,7 @@ def fit_policy(policy: GoalPolicy, fit: Pairs, check: Pairs, spec: DictConfig, s
 @torch.no_grad()
 def mse(policy: GoalPolicy, pairs: Pairs, device, chunks: int | None = None) -> float:
     """Per number of the recorded chunks that lead to a goal `chunks` chunks away (None: every distance
-    1..H, each start at each)."""
+    1..H, each start at each), of the closest head's plan."""
     policy.eval()
     total, count = torch.zeros(()), torch.zeros(())
     for k in [chunks] if chunks else range(1, policy.horizon + 1):
@@ -169,7 +174,7 @@ def load_prior(run: str, model, device) -> GoalPolicy:
     if "frameskip" not in spec:  # made before priors were told the steps left
         raise LeworldError(f"{ckpt.path} is a policy prior of an older leworld; train it again: python -m leworld.prior ckpt={run}")
     policy = GoalPolicy(spec["latent_dim"], spec["horizon"], spec["chunk_dim"], spec["hidden"], spec["dropout"],
-                        spec["frameskip"])
+                        spec["frameskip"], spec.get("heads", 1))
     load_weights(policy, ckpt.tensors, ckpt.path)
     return policy.to(device).eval()
 
@@ -190,7 +195,8 @@ def prior(cfg: DictConfig) -> dict:
 def save_prior(policy: GoalPolicy, world_model: Path, cfg: DictConfig, results: dict) -> Path:
     """Into <run>/prior/ beside the world model's checkpoint file, with the step of the world model it read."""
     spec = {"latent_dim": (policy.net[0].in_features - 1) // 2, "horizon": policy.horizon,
-            "chunk_dim": policy.net[-1].out_features // policy.horizon, "hidden": list(cfg.prior.hidden),
+            "chunk_dim": policy.net[-1].out_features // (policy.heads * policy.horizon), "heads": policy.heads,
+            "hidden": list(cfg.prior.hidden),
             "dropout": cfg.prior.dropout, "frameskip": policy.frameskip, "goal_offset": cfg.protocol.goal_offset,
             "training": OmegaConf.to_container(cfg.prior)}
     (world_model.parent / FOLDER).mkdir(exist_ok=True)

@@ -97,7 +97,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 PROBE_VERB = prefixed("probe", PROBE)
 PRIOR = {"hidden": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1), "weight_decay": (float, 0, 1),
-         "dropout": (float, 0, 0.99), "check_every": COUNT, "check_fraction": (float, Above(0), 0.5)}
+         "dropout": (float, 0, 0.99), "check_every": COUNT, "check_fraction": (float, Above(0), 0.5), "heads": COUNT,
+         "others_weight": (float, 0, 1)}
 PRIOR_VERB = {"seed": SEED, **prefixed("prior", PRIOR), **prefixed("protocol", PROTOCOL)}
 
 SURPRISE_VERB = {"seed": SEED, "clips": (int, 2, None), "frames": (int, 3, None), "event": COUNT, "permutations": COUNT,

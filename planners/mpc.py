@@ -29,8 +29,9 @@ class Objective(Protocol):
         None when T = 1.
         -> the cost of plans (b, S, H, fs·A) for those environments."""
 
-    # Optional: propose(observed, index) -> a plan (b, H, fs·A) for the planner to start from (a
-    # policy prior's) or None; an objective without it leaves the planner its usual start.
+    # Optional: propose(observed, index) -> candidate plans (b, K, H, fs·A) for the planner to start
+    # from (a policy prior's), of which the cheapest by this solve's cost is taken, or None; an
+    # objective without it leaves the planner its usual start.
 
 
 @dataclass
@@ -95,8 +96,11 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
         cost_fn = objective.cost_fn(observed, taken, active)
         proposed = objective.propose(observed, active) if hasattr(objective, "propose") else None
         length = horizon if goal_steps is None else chunks_to(goal_steps - steps[active].max(), frameskip, horizon)
-        warm = proposed if proposed is not None else None if plan is None else shift(plan[active], executing)
-        new_plan = planner.plan(cost_fn, len(active), length, init=None if warm is None else warm[:, :length]).detach()
+        if proposed is not None:
+            warm = cheapest(proposed[:, :, :length], cost_fn)
+        else:
+            warm = None if plan is None else shift(plan[active], executing)[:, :length]
+        new_plan = planner.plan(cost_fn, len(active), length, init=warm).detach()
         synchronize()  # new_plan: (b, length, fs·A)
         solve_seconds.append(time.perf_counter() - start)
         if plan is None:
@@ -121,6 +125,15 @@ def first_solve(cost_fn: CostFn, plan: Tensor, compare: Tensor | None, pixels: l
         costs = None if compare is None else cost_fn(torch.cat([plan[:, None], compare.to(plan)], dim=1)).cpu()
     return {"first_plan": plan, "first_costs": costs, "first_frames": [list(p) for p in pixels],
             "first_states": [list(s) for s in states]}
+
+
+def cheapest(candidates: Tensor, cost_fn: CostFn) -> Tensor:
+    """The plan (B, H, A) of candidates (B, K, H, A) that cost_fn scores lowest (the only one if K = 1)."""
+    if candidates.shape[1] == 1:
+        return candidates[:, 0]
+    with torch.no_grad():
+        best = cost_fn(candidates).nan_to_num(nan=float("inf")).argmin(1)  # (B,)
+    return candidates[torch.arange(len(candidates), device=candidates.device), best]
 
 
 def shift(plan: Tensor, executed: int) -> Tensor:

@@ -11,7 +11,7 @@ import envs
 from leworld.codec import ActionCodec
 from envs import tworoom
 from planners import CEM, MPPI, PLANNERS, Bounds, GradientPlanner, RandomActions
-from planners.mpc import run_mpc, shift
+from planners.mpc import cheapest, run_mpc, shift
 
 B, H, A = 4, 3, 2
 
@@ -183,3 +183,14 @@ def test_mpc_plans_only_the_chunks_left_until_the_goal_is_due():
     assert [h for h, _, _ in seen] == [3, 2, 1, 1, 1] and result.steps[0] == 13
     assert [init for _, init, _ in seen] == [None, (1, 2, 4), (1, 1, 4), (1, 1, 4), (1, 1, 4)]
     assert all(costs == (1, 1) for _, _, costs in seen)
+
+
+def test_of_several_proposed_plans_the_cost_picks_the_cheapest():
+    targets = torch.randn(B, H, A, generator=torch.Generator().manual_seed(0))
+    candidates = torch.stack([targets + 0.5, targets - 0.1, targets * 3], dim=1)  # (B, 3, H, A): the second is best
+    torch.testing.assert_close(cheapest(candidates, bowl(targets)), targets - 0.1)
+
+    def never(plans):
+        raise AssertionError("one candidate needs no cost")
+
+    torch.testing.assert_close(cheapest(candidates[:, 2:], never), targets * 3)

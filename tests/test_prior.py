@@ -28,7 +28,7 @@ def with_prior(trained, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("prior") / "run"
     shutil.copytree(trained[0], run_dir)  # the shared run stays as it was
     done = run("prior", f"ckpt={run_dir}", "prior.steps=1500", "prior.check_every=1500", "prior.hidden=[256,256]",
-               *ONE_PLAN)  # one check: the last step is kept (this dataset keeps one episode aside to stop on)
+               "prior.heads=2", *ONE_PLAN)  # one check: the last step is kept (one episode is kept aside to stop on)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done.stdout
 
@@ -55,8 +55,30 @@ def test_fitting_learns_inverse_dynamics_told_the_steps_left_and_keeps_the_best_
     one = torch.ones(len(held_out), dtype=torch.long)  # what it is told of the steps left is what it uses
     z, goal, _, _ = held_out.take(torch.arange(len(held_out)), one)
     with torch.no_grad():
-        told = [(policy.eval()(z, goal, one * k)[:, 0] - (goal - z)).square().mean() for k in (1, 3)]
+        told = [(policy.eval()(z, goal, one * k)[:, 0, 0] - (goal - z)).square().mean() for k in (1, 3)]
     assert told[0] < 0.2 * told[1]
+
+
+def test_several_heads_learn_an_expert_with_two_ways_where_one_learns_their_mean():
+    """The same start and goal, and the recorded chunk is +v or −v at random: one head can only learn
+    their mean (0, an error of |v|² per plan), two heads (winner takes all) learn one way each."""
+    g = torch.Generator().manual_seed(0)
+    way = torch.tensor([1.0, -0.5, 0.8, 0.3])
+
+    def pairs(n):  # n episodes of 1 chunk: a random latent, its goal, and one of two ways between them
+        latents = torch.randn(n, 2, 4, generator=g)
+        sign = torch.randint(0, 2, (n, 1, 1), generator=g) * 2.0 - 1
+        return Pairs(latents.reshape(2 * n, 4), torch.arange(0, 2 * n, 2), sign * way, frameskip=1)
+
+    fit, check, held_out = pairs(3000), pairs(300), pairs(300)
+    spec = OmegaConf.create({"lr": 1e-3, "weight_decay": 1e-4, "steps": 600, "batch_size": 128, "check_every": 100,
+                             "others_weight": 0.05})
+    errors = {}
+    for heads in (1, 2):
+        policy = GoalPolicy(4, 1, 4, [64, 64], heads=heads)
+        fit_policy(policy, fit, check, spec, seed=0, device="cpu")
+        errors[heads] = mse(policy, held_out, "cpu")
+    assert errors[1] > 0.7 * way.square().mean() and errors[2] < 0.1 * errors[1], errors
 
 
 def test_the_steps_left_become_whole_chunks_of_the_horizon():
@@ -69,6 +91,7 @@ def test_a_run_gets_its_prior_and_says_how_well_it_fits(with_prior):
     run_dir, stdout = with_prior
     info = load_checkpoint(run_dir / "prior").info
     assert info["kind"] == "prior" and info["pairs"] > 100 and 0 < info["best_step"] <= 1500
+    assert load_prior(run_dir, load_world_model(run_dir), "cpu").heads == 2
     # The recorded plans of the pairs it fit, better than the zero plan. Generalising needs more than
     # this tiny dataset's 14 episodes: on Reacher's 1800, held-out MSE 0.55 against 0.87 (docs/results.md).
     assert info["train_mse"] < 0.8 * info["zero_plan_mse"]
@@ -87,7 +110,7 @@ def test_the_objective_proposes_the_priors_plan_for_its_goal(with_prior):
     later = torch.as_tensor(rows[2:])  # environments 2 and 3 of the batch, still active
     observed = {"pixels": pixels[later].numpy()[:, None], "state": states[later].numpy()[:, None]}
     proposed = objective.propose(observed, np.array([2, 3]))
-    assert proposed.shape == (2, 5, model.codec.block_dim)
+    assert proposed.shape == (2, 2, 5, model.codec.block_dim)  # a plan per head
     latents = objective.encode(observed["pixels"])[:, 0]
     torch.testing.assert_close(proposed, prior(latents, objective.goals[2:]))  # at the start: the whole horizon left
     later = objective.propose(observed | {"steps": np.array([7, 0])}, np.array([2, 3]))  # 10 steps of 2 per chunk

@@ -112,7 +112,8 @@ def test_a_lewm_with_proprioception_trains_saves_its_statistics_and_plans_with_c
     # the policy prior, trained after the world model, plans alone on the same tasks, asked again every chunk
     assert load_checkpoint(run_dir / "prior").info["world_model_step"] == load_checkpoint(run_dir).info["step"]
     cem, alone = (json.loads((run_dir / folder / "eval.json").read_text()) for folder in ("eval", "eval-prior"))
-    assert alone["settings"]["planner"] == {"name": "prior", "receding_horizon": 1} and alone["settings"]["prior"]
+    assert alone["settings"]["planner"] == {"name": "prior", "receding_horizon": 1, "shrink_horizon": True}
+    assert alone["settings"]["prior"]
     assert [e["dataset_row"] for e in alone["episodes"]["planner"]] == [e["dataset_row"] for e in cem["episodes"]["planner"]]
     assert "random" in cem["summary"] and "random" not in alone["summary"]
 

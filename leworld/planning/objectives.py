@@ -62,8 +62,8 @@ class LatentObjective:
 
     @torch.no_grad()
     def propose(self, observed: dict, index: np.ndarray) -> torch.Tensor | None:
-        """The prior's plan (b, H, fs·A) from the last observed frame to the goal in the steps left of
-        its horizon (at least one chunk, once they are spent); None without a prior."""
+        """The prior's plans (b, K, H, fs·A), one per head, from the last observed frame to the goal in
+        the steps left of its horizon (at least one chunk, once they are spent); None without a prior."""
         if self.prior is None:
             return None
         proprio = None if self.proprio_of is None else np.apply_along_axis(self.proprio_of, -1, observed["state"][:, -1:])

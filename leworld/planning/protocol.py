@@ -30,7 +30,8 @@ def check_protocol(cfg: DictConfig) -> None:
 
 def make_planner(cfg: DictConfig, codec: ActionCodec, seed: int, device: torch.device):
     """The planner of cfg (configs/planner/*.yaml), searching chunks inside the env's bounds."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "receding_horizon")}
+    settings = {k: v for k, v in OmegaConf.to_container(cfg).items()
+                if k not in ("name", "receding_horizon", "shrink_horizon")}
     if cfg.name not in PLANNERS:
         raise LeworldError(f"there is no planner={cfg.name}; choose one of: {', '.join(PLANNERS)}")
     try:
@@ -45,6 +46,13 @@ def chunks_per_solve(planner_cfg: DictConfig, protocol: DictConfig) -> int:
     planner's own (the policy prior's 1: a closed-loop controller, asked again after every chunk),
     else the whole plan, as LeWM does."""
     return protocol.receding_horizon or planner_cfg.get("receding_horizon") or protocol.horizon
+
+
+def goal_steps(planner_cfg: DictConfig, protocol: DictConfig) -> int | None:
+    """The env steps in which the goal is due where each solve plans only the chunks left until then
+    (protocol.shrink_horizon, else the planner's own: the policy prior's), else None."""
+    shrink = protocol.get("shrink_horizon")
+    return protocol.goal_offset if (planner_cfg.get("shrink_horizon") if shrink is None else shrink) else None
 
 
 def task_episodes(model, dataset: EpisodeDataset) -> tuple[np.ndarray, str]:
@@ -99,7 +107,7 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
                          receding_horizon=chunks_per_solve(planner_cfg, protocol), budget=protocol.budget,
                          frameskip=model.frameskip, history=model.history, record=first < record,
                          synchronize=synchronize, compare=recorded,
-                         goal_steps=protocol.goal_offset if protocol.get("shrink_horizon") else None)
+                         goal_steps=goal_steps(planner_cfg, protocol))
         for env in batch:
             env.close()
         episodes = [{"episode": first + i, "seed": seed, "dataset_row": int(row), "success": bool(result.success[i]),

@@ -15,7 +15,7 @@ import envs
 from leworld import LeworldError
 from leworld.dataset import EpisodeDataset
 from leworld.planning.objectives import LatentObjective
-from leworld.planning.protocol import chunks_per_solve, run_protocol, sample_tasks, summary, task_episodes
+from leworld.planning.protocol import chunks_per_solve, goal_steps, run_protocol, sample_tasks, summary, task_episodes
 from leworld.plots import plot_eval
 from leworld.runtime import autocast
 
@@ -51,7 +51,8 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
     receding = chunks_per_solve(planner_cfg, protocol)
     print(f"{model.env.name}: {protocol.episodes} episodes from {len(episodes)} {which} episodes of {dataset.path}; "
           f"goal {protocol.goal_offset} steps ahead, budget {protocol.budget} steps; planner {planner_cfg.name}, "
-          f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}")
+          f"horizon {protocol.horizon} chunks of {model.frameskip} steps, replanning every {receding}"
+          f"{', each plan to the step the goal is due' if goal_steps(planner_cfg, protocol) else ''}")
     results, solve_seconds, seen = run_protocol(model, dataset, rows, planner_cfg, protocol, seed, device,
                                                 record=protocol.videos, objective=objective)
     report = {"planner": summary(results, solve_seconds)}

@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from planners.base import CostFn
@@ -57,9 +58,7 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
     objective is shown (the last ones, one per chunk). synchronize: waits for an accelerator, so
     that solve times are real. compare: plans (B, P, H, fs·A) that the first solve's cost function
     scores beside the plan it chose (untimed), e.g. the recorded actions that reach each goal.
-    goal_steps: the env steps in which the goal is due; where given, each solve plans only the chunks
-    left until then (at least one), so that the cost is the latent of the step the goal is due, and,
-    once it is past, of the next chunk (None: every solve plans `horizon` chunks)."""
+    goal_steps: when the goal is due; each solve then plans only the chunks left (at least one)."""
     if not 0 < receding_horizon <= horizon:
         raise ValueError(f"receding_horizon must be in 1..horizon={horizon}, got {receding_horizon}")
     b = len(envs)
@@ -94,28 +93,21 @@ def run_mpc(envs: list, objective: Objective, planner, to_env: Callable[[Tensor]
         synchronize()
         start = time.perf_counter()
         cost_fn = objective.cost_fn(observed, taken, active)
-        proposed = objective.propose(observed, active) if hasattr(objective, "propose") else None
         length = horizon if goal_steps is None else chunks_to(goal_steps - steps[active].max(), frameskip, horizon)
-        if proposed is not None:
-            warm = cheapest(proposed[:, :, :length], cost_fn)
-        else:
-            warm = None if plan is None else shift(plan[active], executing)[:, :length]
-        new_plan = planner.plan(cost_fn, len(active), length, init=warm).detach()
-        synchronize()  # new_plan: (b, length, fs·A)
+        warm = warm_start(objective.propose(observed, active) if hasattr(objective, "propose") else None, cost_fn,
+                          None if plan is None else shift(plan[active], executing), length)
+        new_plan = planner.plan(cost_fn, len(active), length, init=warm).detach()  # (b, length, fs·A)
+        synchronize()
         solve_seconds.append(time.perf_counter() - start)
-        if plan is None:
-            plan = torch.zeros(b, horizon, new_plan.shape[-1], device=new_plan.device)
-        plan[torch.as_tensor(active, device=plan.device)] = 0.0
-        plan[torch.as_tensor(active, device=plan.device), :length] = new_plan
-
+        plan = torch.zeros(b, horizon, new_plan.shape[-1], device=new_plan.device) if plan is None else plan
+        plan[torch.as_tensor(active, device=plan.device)] = F.pad(new_plan, (0, 0, 0, horizon - length))  # zeros after
         executing = min(receding_horizon, length)
         executed = new_plan[:, :executing]
         raw = to_env(executed)  # (b, k·fs, A)
         for row, i in enumerate(active):
             execute(i, raw[row], executed[row])
         first = first or first_solve(cost_fn, new_plan, compare, pixels, states)
-    final_state = np.stack([env.get_state() for env in envs])
-    return MPCResult(success, steps, final_state, solve_seconds, frames, **first)
+    return MPCResult(success, steps, np.stack([env.get_state() for env in envs]), solve_seconds, frames, **first)
 
 
 def first_solve(cost_fn: CostFn, plan: Tensor, compare: Tensor | None, pixels: list, states: list) -> dict:
@@ -125,6 +117,14 @@ def first_solve(cost_fn: CostFn, plan: Tensor, compare: Tensor | None, pixels: l
         costs = None if compare is None else cost_fn(torch.cat([plan[:, None], compare.to(plan)], dim=1)).cpu()
     return {"first_plan": plan, "first_costs": costs, "first_frames": [list(p) for p in pixels],
             "first_states": [list(s) for s in states]}
+
+
+def warm_start(proposed: Tensor | None, cost_fn: CostFn, rest: Tensor | None, length: int) -> Tensor | None:
+    """Where a solve of `length` chunks starts: the cheapest of the proposed plans (b, K, H, A), else
+    the rest of the last plan (b, H, A), else None (the planner's own start)."""
+    if proposed is not None:
+        return cheapest(proposed[:, :, :length], cost_fn)
+    return None if rest is None else rest[:, :length]
 
 
 def cheapest(candidates: Tensor, cost_fn: CostFn) -> Tensor:

@@ -52,7 +52,9 @@ def goal_steps(planner_cfg: DictConfig, protocol: DictConfig) -> int | None:
     """The env steps in which the goal is due where each solve plans only the chunks left until then
     (protocol.shrink_horizon, else the planner's own: the policy prior's), else None."""
     shrink = protocol.get("shrink_horizon")
-    return protocol.goal_offset if (planner_cfg.get("shrink_horizon") if shrink is None else shrink) else None
+    if shrink is None:
+        shrink = planner_cfg.get("shrink_horizon", False)
+    return protocol.goal_offset if shrink else None
 
 
 def task_episodes(model, dataset: EpisodeDataset) -> tuple[np.ndarray, str]:

@@ -1,6 +1,9 @@
 """Plan with a trained world model:  python -m leworld.eval ckpt=<run folder> [planner=cem] [key=value ...]
 Plan with the simulator itself:     python -m leworld.eval model=oracle env=pusht
 Plan with a stable-worldmodel LeWM:  python -m leworld.eval ckpt=<its checkpoint folder> env=pusht
+Plan with a perfect predictor:      python -m leworld.eval ckpt=<run folder> imagine=simulator
+                                    (each plan simulated, its last frame scored by the model's encoder
+                                    and distance: what the encoder's latents allow at best)
 
 Runs the planning protocol of LeWM and DINO-WM (leworld/planning/, configs/protocol/default.yaml)
 on held-out episodes of the model's dataset, against random actions, and writes eval.json and GIFs
@@ -21,7 +24,8 @@ from leworld.dataset import EpisodeDataset
 from leworld.decode import FOLDER as DECODER
 from leworld.decode import load_decoder
 from leworld.models import EnvSpec, open_world_model
-from leworld.planning import LatentObjective, Oracle, SimulatorObjective, check_protocol, evaluate, make_planner
+from leworld.planning import (EncodedSimulatorObjective, LatentObjective, Oracle, SimulatorObjective, check_protocol,
+                              evaluate, make_planner)
 from leworld.prior import load_prior
 from leworld.runtime import check_values, load_config, pick_device, run_main
 
@@ -52,9 +56,15 @@ def run_eval(cfg: DictConfig) -> dict:
     with_prior = cfg.prior or cfg.planner.name == "prior"
     prior = load_prior(path, model, device) if with_prior else None
     name = f"{cfg.planner.name}{'-prior' if with_prior and cfg.planner.name != 'prior' else ''}"
+    name += "-simulator" if cfg.imagine == "simulator" else ""
     out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
+    objective = EncodedSimulatorObjective if cfg.imagine == "simulator" else LatentObjective
+    if cfg.imagine == "simulator":
+        print("imagine=simulator: every plan is simulated and its last frame encoded by the model, which scores it "
+              "with its own distance (its predictor is not used)")
     return evaluate(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
-                    {"ckpt": str(path), "prior": with_prior}, objective=functools.partial(LatentObjective, prior=prior),
+                    {"ckpt": str(path), "prior": with_prior, "imagine": cfg.imagine},
+                    objective=functools.partial(objective, prior=prior),
                     oracle=oracle_summary(cfg, model, dataset), decoder=decoder_of(path, device))
 
 

@@ -139,6 +139,31 @@ def rollout_errors(model, dataset, episodes: np.ndarray, clips: int, horizon: in
     return {"model": model_error.tolist(), "no_change": still_error.tolist()}
 
 
+def effective_dimensions(latents: Tensor) -> float:
+    """Participation ratio of the latents' covariance, (Σλ)² / Σλ²: how many dimensions their spread
+    really fills (an isotropic Gaussian of width D: about D; all of it along one direction: 1)."""
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(latents.double().T)).clamp_min(0)
+    return float(eigenvalues.sum() ** 2 / eigenvalues.square().sum().clamp_min(1e-30))
+
+
+def neighbour_errors(train_x: Tensor, train_state: Tensor, val_x: Tensor, val_state: Tensor,
+                     angle_dims: tuple[int, ...], seed: int) -> dict[str, Tensor]:
+    """What the model's distance tells apart: each held-out latent's nearest training latent (squared
+    L2, the planning cost's measure) and that frame's error in every state entry (angles modulo 2π),
+    against a random training frame's. -> {"nearest": (S,), "random": (S,)} medians over held-out frames."""
+    nearest = torch.cat([torch.cdist(chunk.double(), train_x.double()).argmin(1) for chunk in val_x.split(1024)])
+    chosen = torch.randint(len(train_x), (len(val_x),), generator=torch.Generator().manual_seed(seed))
+
+    def error(other: Tensor) -> Tensor:
+        diff = (other - val_state).double().abs()
+        for i in angle_dims:
+            diff[:, i] = torch.remainder(diff[:, i], 2 * torch.pi)
+            diff[:, i] = torch.minimum(diff[:, i], 2 * torch.pi - diff[:, i])
+        return diff.median(0).values
+
+    return {"nearest": error(train_state[nearest]), "random": error(train_state[chosen])}
+
+
 def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device, say=print,
                       pictures: Path | None = None) -> dict:
     """How much the latents know: a linear probe to the physical state on held-out frames, for the
@@ -153,7 +178,7 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     with torch.random.fork_rng(devices=[]):  # the same random init every time, the caller's generator untouched
         torch.manual_seed(seed)
         untrained = type(model)(model.cfg, model.codec).to(device).eval()
-    r2 = {}
+    r2, geometry = {}, {}
     for name, net in [("trained", model), ("random_init", untrained)]:
         train_x, train_state = encode_frames(net, dataset, train_episodes, spec.frames, device, seed)
         val_x, val_state = encode_frames(net, dataset, val_episodes, spec.frames, device, seed + 1)
@@ -161,10 +186,14 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
         val_y, _ = env_class.probe_targets(val_state.double().numpy())
         fit, read = ridge_r2(train_x.double(), torch.from_numpy(train_y), val_x.double(), torch.from_numpy(val_y), spec.ridge)
         r2[name] = dict(zip(labels, fit.tolist()))
+        errors = neighbour_errors(train_x, train_state, val_x, val_state, env_class.angle_dims, seed)
+        geometry[name] = {"effective_dimensions": effective_dimensions(val_x), "latent_dim": val_x.shape[1],
+                          "nearest_error": dict(zip(env_class.state_names, errors["nearest"].tolist())),
+                          "random_error": dict(zip(env_class.state_names, errors["random"].tolist()))}
         if name == "trained" and pictures is not None:
             plot_probe(val_y, read.numpy(), labels, r2[name], pictures / "probe.png")
     errors = rollout_errors(model, dataset, val_episodes, spec.clips, spec.horizon, device, seed)
-    results = {"r2": r2, "rollout": errors, "frames": {"train": len(train_x), "held_out": len(val_x)}}
+    results = {"r2": r2, "geometry": geometry, "rollout": errors, "frames": {"train": len(train_x), "held_out": len(val_x)}}
     if pictures is not None:
         plot_rollout(errors, pictures / "rollout.png")
 
@@ -172,6 +201,15 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     say(f"  {'':24} {'trained':>9} {'random init':>12}")
     for label in r2["trained"]:
         say(f"  {label:24} {r2['trained'][label]:>9.3f} {r2['random_init'][label]:>12.3f}")
+    trained, initial = geometry["trained"], geometry["random_init"]
+    say(f"what the latent distance tells apart: the state error of each held-out frame's nearest training latent "
+        f"(median; a random frame's beside it); the latents fill {trained['effective_dimensions']:.1f} of "
+        f"{trained['latent_dim']} dimensions (random init {initial['effective_dimensions']:.1f}):")
+    say(f"  {'':24} {'trained':>9} {'random init':>12} {'random frame':>13}")
+    placed = sorted({i for entries in env_class.parts.values() for i in entries}) or range(len(env_class.state_names))
+    for label in [env_class.state_names[i] for i in placed]:  # what places the env's parts (no velocities)
+        say(f"  {label:24} {trained['nearest_error'][label]:>9.3g} {initial['nearest_error'][label]:>12.3g} "
+            f"{trained['random_error'][label]:>13.3g}")
     say(f"imagined rollouts, latent MSE on {spec.clips} held-out clips (lower is better):")
     say("  chunks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
     say("  world model             " + "".join(f"{e:>9.3f}" for e in errors["model"]))

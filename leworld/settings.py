@@ -54,6 +54,7 @@ PLANNERS = {
 PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 DECODER = {"widths": COUNT, "frames": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1),
            "weight_decay": (float, 0, 1)}
+IMAGINE = ("model", "simulator")  # eval's imagine: who predicts where a plan ends
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),
             "batch": COUNT, "videos": (int, 0, None), "cpu_rows_per_call": nullable(COUNT)}
 
@@ -87,7 +88,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    rules = {"seed": SEED, **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
+    rules = {"seed": SEED, "imagine": (str, IMAGINE), **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
     if cfg.get("env") is not None:
         rules |= prefixed("env", ENV)
     if cfg.get("model") is not None:  # model=oracle

@@ -238,3 +238,45 @@ def test_cube_collects_trains_probes_and_plans_from_the_command_line(tmp_path):
     run_dir, probe = train_probe_and_plan(tmp_path, "cube", SMALL)
     assert {"cube_z", "cube_tilt", "cube_yaw4.cos"} <= set(probe["r2"]["trained"])
     assert load_world_model(run_dir).codec.block_dim == 4 * 2  # 4-D actions, frameskip 2
+
+
+def test_imagining_with_the_simulator_scores_the_frame_a_plan_ends_on(trained):
+    """imagine=simulator (EncodedSimulatorObjective): a plan's cost is the model's distance from the
+    encoded frame the simulator ends on to the goal's latent; the recorded actions that reached the
+    goal frame cost (almost) nothing, where the model's own imagination of them does not."""
+    from leworld.planning import EncodedSimulatorObjective
+
+    model = load_world_model(trained[0])
+    dataset = open_dataset(model)
+    codec, offset = model.codec, 2 * model.frameskip
+    rows = np.array([dataset.episode_starts[e] + 3 for e in model.data.held_out[:2]])
+    states = dataset.tensors["state"].double().numpy()
+    pixels = dataset.tensors["pixels"].numpy()
+    targets = Goals(pixels[rows + offset], states[rows + offset], None, None)
+    simulated = EncodedSimulatorObjective(model, targets, torch.device("cpu"))
+    observed = {"pixels": pixels[rows][:, None], "state": states[rows][:, None]}
+    cost = simulated.cost_fn(observed, None, np.array([0, 1]))
+    recorded = codec.to_chunks(dataset.tensors["action"][torch.as_tensor(rows)[:, None] + torch.arange(offset)].float())
+    plans = torch.cat([recorded[:, None], torch.randn(2, 3, 2, codec.block_dim)], dim=1)  # (2, 4, H, fs·A)
+    costs = cost(plans)
+    assert costs.shape == (2, 4) and (costs[:, 0] < 1e-4 * costs[:, 1:].min()).all()
+    env = envs.make("tworoom", image_size=32)
+    for b in range(2):  # a random plan: what its end looks like to the model
+        env.reset(options={"state": states[rows[b]]})
+        for action in codec.to_env(plans[b, 2]):
+            frame, *_ = env.step(action)
+        latent = simulated.encode(frame[None, None])[0, 0]
+        assert costs[b, 2].item() == pytest.approx(model.distance(latent, simulated.goals[b]).item(), rel=1e-4)
+    imagined = LatentObjective(model, targets, torch.device("cpu")).cost_fn(observed, None, np.array([0, 1]))
+    assert (imagined(recorded[:, None]) > 1e3 * costs[:, 0:1]).all()
+
+
+def test_eval_can_imagine_with_the_simulator(trained, tmp_path):
+    out = tmp_path / "simulated"
+    done = run("eval", f"ckpt={trained[0]}", *SMALL, "imagine=simulator", f"out_dir={out}", "protocol.videos=0",
+               "protocol.random_baseline=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imagine=simulator" in done.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings"]["imagine"] == "simulator"
+    check_episodes(report["episodes"]["planner"], open_dataset(load_world_model(trained[0])))

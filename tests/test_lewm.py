@@ -44,6 +44,21 @@ def test_shapes_and_loss(model):
     assert model.encode(torch.randint(0, 255, (2, 1, 3, 48, 48), dtype=torch.uint8)).shape == (2, 1, 16)
 
 
+def test_sigreg_takes_every_frame_of_the_batch_at_once_with_pool_time():
+    """LeWM's SIGReg is a sample per time step over the batch; pool_time makes it one sample of all
+    B·T frames (the statistic is N-scaled: 4x the rows see latents that fill few dimensions 4x as
+    clearly). The same directions score both, so each is the statistic of its own sample."""
+    batch = {"pixels": torch.randint(0, 255, (5, 4, 3, 32, 32), dtype=torch.uint8), "actions": torch.randn(5, 4, 4)}
+    for pooled in (False, True):
+        torch.manual_seed(0)
+        model = LeWorldModel({**TINY, "sigreg": {**TINY["sigreg"], "pool_time": pooled}}, codec()).eval()
+        latents = model.encode(batch["pixels"])  # (5, 4, 16)
+        sample = latents.reshape(20, 16) if pooled else latents.transpose(0, 1)  # (20, D) or (4, 5, D)
+        torch.testing.assert_close(model.loss(batch)["sigreg"], model.sigreg(sample))
+    by_step = LeWorldModel(TINY, codec()).eval()  # before the option: per time step
+    torch.testing.assert_close(by_step.loss(batch)["sigreg"], by_step.sigreg(by_step.encode(batch["pixels"]).transpose(0, 1)))
+
+
 def test_rollout_steps_also_train_on_the_predictors_own_predictions():
     torch.manual_seed(0)
     cfg = {**TINY, "predictor": {**TINY["predictor"], "rollout_steps": 3}}

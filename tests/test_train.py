@@ -39,7 +39,10 @@ def test_training_learns_and_leaves_a_probed_checkpoint(trained):
     assert set(probe["r2"]) == {"trained", "random_init"} and "x" in probe["r2"]["trained"]
     assert len(probe["rollout"]["model"]) == 3
     assert probe["rollout"]["model"][0] < probe["rollout"]["no_change"][0]
-    assert "linear probe from latents to the state" in stdout
+    geometry = probe["geometry"]["trained"]  # what its distance tells apart (tests/test_understanding.py: what it means)
+    assert set(geometry["nearest_error"]) == set(geometry["random_error"]) >= {"x", "y"}
+    assert geometry["random_error"]["x"] > 0 and 1 <= geometry["effective_dimensions"] <= geometry["latent_dim"]
+    assert "linear probe from latents to the state" in stdout and "what the latent distance tells apart" in stdout
     assert "random actions: success" in stdout  # then it planned
     evaluation = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert len(evaluation["episodes"]["planner"]) == 3

@@ -25,6 +25,35 @@ def one_line_error(done) -> str:
     return lines[0]
 
 
+def test_effective_dimensions_count_the_directions_latents_fill():
+    import torch
+
+    from leworld.probe import effective_dimensions
+
+    generator = torch.Generator().manual_seed(0)
+    isotropic = torch.randn(4000, 32, generator=generator)
+    assert 28 < effective_dimensions(isotropic) <= 32
+    few = torch.randn(4000, 4, generator=generator) @ torch.randn(4, 32, generator=generator)  # 4 directions in 32
+    assert effective_dimensions(few) < 4.01
+    assert effective_dimensions(torch.cat([isotropic[:, :1] * 10, isotropic[:, 1:] * 1e-3], 1)) < 1.01
+
+
+def test_the_nearest_latent_tells_which_state_entries_the_distance_keeps():
+    """Latents that hold the first state entry and nothing of the second (an angle): the nearest
+    training latent's error is small in the first, a random frame's in the second, angles modulo 2π."""
+    import torch
+
+    from leworld.probe import neighbour_errors
+
+    generator = torch.Generator().manual_seed(0)
+    train_state, val_state = torch.rand(2000, 2, generator=generator) * 6.28, torch.rand(300, 2, generator=generator) * 6.28
+    latent = lambda s: s[:, :1] * torch.ones(1, 8)  # noqa: E731  (the second entry is not in the latent)
+    errors = neighbour_errors(latent(train_state), train_state, latent(val_state), val_state, (1,), seed=0)
+    assert errors["nearest"][0] < 0.05 * errors["random"][0]
+    assert 1.2 < errors["nearest"][1] < 1.9 and 1.2 < errors["random"][1] < 1.9  # uniform angles: π/2 apart
+    assert (errors["random"] <= torch.pi).all()  # angle errors wrap: none above π
+
+
 def test_a_teleport_moves_only_its_part_and_a_recolour_changes_only_how_it_looks():
     env = envs.make("pusht", image_size=64)
     rng = np.random.default_rng(0)

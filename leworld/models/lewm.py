@@ -63,6 +63,7 @@ class LeWorldModel(WorldModel):
                              subspaces=cfg.sigreg.get("subspaces", 0))  # checkpoints from before it: 0
         self.sigreg.check_width(cfg.latent_dim)
         self.sigreg_weight = cfg.sigreg.weight
+        self.sigreg_pooled = cfg.sigreg.get("pool_time", False)  # checkpoints from before it: per time step
         self.rollout_steps = cfg.predictor.get("rollout_steps", 1)  # checkpoints from before it: 1
         self.shift = cfg.encoder.get("shift", 0)  # checkpoints from before it: none
         self.frozen_backbone = bool(cfg.encoder.freeze)
@@ -169,5 +170,8 @@ class LeWorldModel(WorldModel):
             predicted = self.predict(fed, chunks)
             errors.append((predicted - targets).square().mean())
         pred = torch.stack(errors).mean()
-        sigreg = self.sigreg(rearrange(latents, "b t d -> t b d"))  # over the batch, per time step
+        # over the batch per time step (LeWM's), or over every frame of the batch at once (pool_time): the
+        # statistic is N-scaled, so 4x the rows make it 4x as sensitive to latents that span few dimensions
+        sample = "b t d -> (b t) d" if self.sigreg_pooled else "b t d -> t b d"
+        sigreg = self.sigreg(rearrange(latents, sample))
         return {"loss": pred + self.sigreg_weight * sigreg, "pred": pred, "sigreg": sigreg}

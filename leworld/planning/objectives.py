@@ -1,7 +1,8 @@
 """What a planner minimises, built once per batch of tasks (their goals) and turned into a cost
 function once per solve (planners/mpc.py's Objective): a world model's latent distance to the goal
-(LatentObjective), or, for the oracle, the simulator's own goal cost (SimulatorObjective). Both are
-made as Objective(model, goals, device, compile)."""
+(LatentObjective), the same distance with the simulator in place of the model's predictor
+(EncodedSimulatorObjective, the ceiling of the model's encoder), or, for the oracle, the simulator's
+own goal cost (SimulatorObjective). All are made as Objective(model, goals, device, compile)."""
 
 import functools
 from dataclasses import dataclass
@@ -104,6 +105,39 @@ class LatentObjective:
         return {"error": self.model.distance(imagined, seen[:, 1:]).cpu().numpy(),
                 "moved": self.model.distance(start, seen[:, 1:]).cpu().numpy(),
                 "achieved": self.model.distance(seen[:, -1], goal).cpu().numpy()}
+
+
+class EncodedSimulatorObjective(LatentObjective):
+    """A world model's planning cost with a perfect predictor (eval imagine=simulator): each candidate
+    plan is simulated from the observed state, the frame it ends on is rendered and encoded, and the
+    model's distance of that latent to the goal's is the cost. What the model's latent distance allows
+    when nothing is wrong with its predictions: a failure here is the encoder's (its distance does not
+    lead to the goal, or its landscape defeats the search), not the predictor's. As slow as the oracle
+    plus a render and an encoding per plan."""
+
+    def __init__(self, model, goals: Goals, device: torch.device, compile: bool = False, reference: bool = False,
+                 rows_per_call: int | None = None, prior=None):
+        super().__init__(model, goals, device, rows_per_call=rows_per_call, prior=prior)
+        self.sim = envs.make(model.env.name, **model.env.kwargs)
+
+    def cost_fn(self, observed: dict, chunks: torch.Tensor | None, index: np.ndarray):
+        starts, goal = observed["state"][:, -1], self.goals[torch.as_tensor(index, device=self.device)]
+
+        def cost(plans: torch.Tensor) -> torch.Tensor:  # (b, S, H, fs·A) -> (b, S)
+            raw = self.model.codec.to_env(plans)  # (b, S, H·fs, A): what the MPC loop would execute
+            costs = []
+            for start, samples, target in zip(starts, raw, goal):
+                ends, frames = [], []
+                for actions in samples:
+                    ends.append(self.sim.simulate(start, actions))  # the env is left there: its frame is the end's
+                    frames.append(self.sim.render())
+                frames = np.stack(frames)  # (S, H, W, 3)
+                proprio = None if self.proprio_of is None else np.stack([self.proprio_of(end) for end in ends])[:, None]
+                latents = self.encode(frames[:, None], proprio)[:, 0]  # (S, *L)
+                costs.append(self.model.distance(latents, target.expand_as(latents)))
+            return torch.stack(costs)
+
+        return cost
 
 
 class SimulatorObjective:

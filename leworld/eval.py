@@ -53,19 +53,35 @@ def run_eval(cfg: DictConfig) -> dict:
     if expected is not None and expected != model.env.name:
         raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
     make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
+    objective, scorer = imagination(cfg, model, device)
     with_prior = cfg.prior or cfg.planner.name == "prior"
     prior = load_prior(path, model, device) if with_prior else None
     name = f"{cfg.planner.name}{'-prior' if with_prior and cfg.planner.name != 'prior' else ''}"
-    name += "-simulator" if cfg.imagine == "simulator" else ""
+    name += ("-simulator" if cfg.imagine == "simulator" else "") + ("-untrained" if cfg.untrained else "")
     out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
-    objective = EncodedSimulatorObjective if cfg.imagine == "simulator" else LatentObjective
-    if cfg.imagine == "simulator":
-        print("imagine=simulator: every plan is simulated and its last frame encoded by the model, which scores it "
-              "with its own distance (its predictor is not used)")
-    return evaluate(model, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
-                    {"ckpt": str(path), "prior": with_prior, "imagine": cfg.imagine},
-                    objective=functools.partial(objective, prior=prior),
-                    oracle=oracle_summary(cfg, model, dataset), decoder=decoder_of(path, device))
+    return evaluate(scorer, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
+                    {"ckpt": str(path), "prior": with_prior, "imagine": cfg.imagine, "untrained": cfg.untrained},
+                    objective=functools.partial(objective, prior=prior), oracle=oracle_summary(cfg, model, dataset),
+                    decoder=decoder_of(path, device) if scorer is model else None)  # the decoder reads trained latents
+
+
+def imagination(cfg: DictConfig, model, device):
+    """What imagines where a plan ends (`imagine`: the model, or the simulator with the last frame
+    encoded) and which model scores it (the trained one, or with `untrained` the same untrained, for what
+    training the encoder did to its latent distance). -> (objective, model)"""
+    if cfg.untrained:
+        if cfg.imagine != "simulator":
+            raise LeworldError("untrained=true plans with an untrained model, whose predictor imagines nothing; "
+                               "add imagine=simulator (plans simulated, their ends scored by the untrained encoder)")
+        if cfg.prior or cfg.planner.name == "prior":
+            raise LeworldError("the policy prior reads the trained encoder's latents, not an untrained one's: drop "
+                               "prior=true / planner=prior, or untrained=true")
+        model = model.untrained(cfg.seed).to(device).eval().requires_grad_(False)
+    if cfg.imagine != "simulator":
+        return LatentObjective, model
+    print("imagine=simulator: every plan is simulated and its last frame encoded by the model, which scores it with "
+          f"its own distance (its predictor is not used){'; the encoder untrained' if cfg.untrained else ''}")
+    return EncodedSimulatorObjective, model
 
 
 def decoder_of(path: Path, device):

@@ -175,9 +175,7 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     from envs import ENVS  # here: importing envs picks MuJoCo's GL back end, which image probes never need
 
     env_class, seed = ENVS[dataset.meta["env"]["name"]], spec.seed
-    with torch.random.fork_rng(devices=[]):  # the same random init every time, the caller's generator untouched
-        torch.manual_seed(seed)
-        untrained = type(model)(model.cfg, model.codec).to(device).eval()
+    untrained = model.untrained(seed).to(device).eval()  # the same random init every time
     r2, geometry = {}, {}
     for name, net in [("trained", model), ("random_init", untrained)]:
         train_x, train_state = encode_frames(net, dataset, train_episodes, spec.frames, device, seed)

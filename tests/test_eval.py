@@ -278,5 +278,17 @@ def test_eval_can_imagine_with_the_simulator(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "imagine=simulator" in done.stdout
     report = json.loads((out / "eval.json").read_text())
-    assert report["settings"]["imagine"] == "simulator"
+    assert report["settings"]["imagine"] == "simulator" and report["settings"]["untrained"] is False
     check_episodes(report["episodes"]["planner"], open_dataset(load_world_model(trained[0])))
+    # the same encoder untrained scores the simulated plans: its own costs, the same tasks
+    untrained = tmp_path / "untrained"
+    done = run("eval", f"ckpt={trained[0]}", *SMALL, "imagine=simulator", "untrained=true", f"out_dir={untrained}",
+               "protocol.videos=0", "protocol.random_baseline=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = json.loads((untrained / "eval.json").read_text())
+    assert other["settings"]["untrained"] is True
+    rows = lambda r: [e["dataset_row"] for e in r["episodes"]["planner"]]  # noqa: E731
+    assert rows(other) == rows(report)
+    assert [e["final_state"] for e in other["episodes"]["planner"]] != [e["final_state"] for e in report["episodes"]["planner"]]
+    for wrong in (["untrained=true"], ["untrained=true", "imagine=simulator", "planner=prior"]):
+        assert "untrained=true" in one_line_error(run("eval", f"ckpt={trained[0]}", *wrong))

@@ -105,6 +105,15 @@ class WorldModel(nn.Module, metaclass=ABCMeta):
         it starts from loaded."""
         return cls(model_cfg, codec)
 
+    def untrained(self, seed: int) -> "WorldModel":
+        """This model's architecture at a random initialisation fixed by `seed` (the caller's random
+        generators untouched), with its codec, env and data record: what training added, by comparison."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = type(self)(self.cfg, self.codec)
+        fresh.env, fresh.data = self.env, self.data
+        return fresh
+
     def frozen_modules(self) -> set[nn.Module]:
         """Modules training leaves alone (their parameters do not train, their BatchNorm statistics
         are not recalibrated)."""

@@ -80,7 +80,8 @@ def imagination(cfg: DictConfig, model, device):
     if cfg.imagine != "simulator":
         return LatentObjective, model
     print("imagine=simulator: every plan is simulated and its last frame encoded by the model, which scores it with "
-          f"its own distance (its predictor is not used){'; the encoder untrained' if cfg.untrained else ''}")
+          f"its own distance{' (the encoder untrained)' if cfg.untrained else ''}; its predictor is not used, so a "
+          "'model' failure below is its encoder's distance, and 'open-loop error' still the predictor's")
     return EncodedSimulatorObjective, model
 
 

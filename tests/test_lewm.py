@@ -143,6 +143,26 @@ def test_frozen_encoder_stays_frozen():
     assert all(p.requires_grad for p in model.projector.parameters())
 
 
+def test_a_frozen_encoder_keeps_its_latents_and_trains_the_predictor_alone():
+    """freeze=encoder: the backbone and the projector stay as they started (fixed latents, BatchNorm
+    statistics included); a training step moves the predictor side only (the action encoder too,
+    once AdaLN-zero's gates have opened)."""
+    torch.manual_seed(0)
+    model = LeWorldModel({**TINY, "encoder": {**TINY["encoder"], "freeze": "encoder"}}, codec()).train()
+    assert {m for m in model.frozen_modules()} >= set(model.projector.modules()) | set(model.backbone.modules())
+    assert not model.backbone.training and not model.projector.training and model.predictor.training
+    batch = {"pixels": torch.randint(0, 255, (5, 4, 3, 32, 32), dtype=torch.uint8), "actions": torch.randn(5, 4, 4)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.loss(batch)["loss"].backward()
+    optimizer.step()
+    after = model.state_dict()
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert not moved & {"backbone", "projector"} and {"predictor", "out_projector"} <= moved
+    with pytest.raises(LeworldError, match="freeze=projector"):
+        LeWorldModel({**TINY, "encoder": {**TINY["encoder"], "freeze": "projector"}}, codec())
+
+
 def test_loading_a_checkpoint_never_unpickles(tmp_path, monkeypatch, model):
     from leworld.checkpoint import save_checkpoint
 

@@ -66,10 +66,15 @@ class LeWorldModel(WorldModel):
         self.sigreg_pooled = cfg.sigreg.get("pool_time", False)  # checkpoints from before it: per time step
         self.rollout_steps = cfg.predictor.get("rollout_steps", 1)  # checkpoints from before it: 1
         self.shift = cfg.encoder.get("shift", 0)  # checkpoints from before it: none
-        self.frozen_backbone = bool(cfg.encoder.freeze)
-        if self.frozen_backbone:
-            self.backbone.requires_grad_(False)
-        self.train()  # modules start in training mode; this puts a frozen backbone in eval mode from the start
+        if cfg.encoder.freeze not in (False, True, "encoder"):
+            raise LeworldError(f"model.encoder.freeze={cfg.encoder.freeze}: false, true (the backbone) or encoder "
+                               "(the backbone and the projector: fixed latents, only the predictor trains)")
+        self.frozen = [self.backbone] if cfg.encoder.freeze else []
+        if cfg.encoder.freeze == "encoder":
+            self.frozen += [self.projector, *([self.proprio_encoder] if self.proprio_dim else [])]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train()  # modules start in training mode; this puts frozen ones in eval mode from the start
 
     @classmethod
     def configure(cls, cfg: DictConfig, dataset) -> DictConfig:
@@ -114,12 +119,12 @@ class LeWorldModel(WorldModel):
         return model
 
     def frozen_modules(self) -> set[nn.Module]:
-        return set(self.backbone.modules()) if self.frozen_backbone else set()
+        return {m for module in self.frozen for m in module.modules()}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics too
+        for module in self.frozen:
+            module.eval()  # a frozen part keeps its BatchNorm statistics too
         return self
 
     def encode(self, pixels: Tensor, proprio: Tensor | None = None) -> Tensor:

@@ -146,6 +146,22 @@ def effective_dimensions(latents: Tensor) -> float:
     return float(eigenvalues.sum() ** 2 / eigenvalues.square().sum().clamp_min(1e-30))
 
 
+@torch.no_grad()
+def sigreg_by_rows(latents: Tensor, rows: int, seed: int, draws: int = 8) -> dict[str, float]:
+    """SIGReg of `rows` latents at a time (the mean over `draws` samples) and of all of them, each
+    beside an isotropic Gaussian sample of the same size: the statistic is N-scaled, so latents that
+    fill few dimensions can score near the Gaussian's at a batch's rows and far above it at many."""
+    from leworld.sigreg import SIGReg
+
+    sigreg = SIGReg(num_slices=256, seed=seed).eval()  # eval: the same directions for every call
+    generator = torch.Generator().manual_seed(seed)
+    n, d = latents.shape
+    few = [sigreg(latents[torch.randperm(n, generator=generator)[:rows]].float()) for _ in range(draws)]
+    return {"rows": rows, "few": float(torch.stack(few).mean()),
+            "few_gaussian": float(torch.stack([sigreg(torch.randn(rows, d, generator=generator)) for _ in range(draws)]).mean()),
+            "all_rows": n, "all": float(sigreg(latents.float())), "all_gaussian": float(sigreg(torch.randn(n, d, generator=generator)))}
+
+
 def neighbour_errors(train_x: Tensor, train_state: Tensor, val_x: Tensor, val_state: Tensor,
                      angle_dims: tuple[int, ...], seed: int) -> dict[str, Tensor]:
     """What the model's distance tells apart: each held-out latent's nearest training latent (squared
@@ -186,6 +202,7 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
         r2[name] = dict(zip(labels, fit.tolist()))
         errors = neighbour_errors(train_x, train_state, val_x, val_state, env_class.angle_dims, seed)
         geometry[name] = {"effective_dimensions": effective_dimensions(val_x), "latent_dim": val_x.shape[1],
+                          "sigreg": sigreg_by_rows(val_x, spec.sigreg_rows, seed),
                           "nearest_error": dict(zip(env_class.state_names, errors["nearest"].tolist())),
                           "random_error": dict(zip(env_class.state_names, errors["random"].tolist()))}
         if name == "trained" and pictures is not None:
@@ -199,20 +216,28 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     say(f"  {'':24} {'trained':>9} {'random init':>12}")
     for label in r2["trained"]:
         say(f"  {label:24} {r2['trained'][label]:>9.3f} {r2['random_init'][label]:>12.3f}")
-    trained, initial = geometry["trained"], geometry["random_init"]
-    say(f"what the latent distance tells apart: the state error of each held-out frame's nearest training latent "
-        f"(median; a random frame's beside it); the latents fill {trained['effective_dimensions']:.1f} of "
-        f"{trained['latent_dim']} dimensions (random init {initial['effective_dimensions']:.1f}):")
-    say(f"  {'':24} {'trained':>9} {'random init':>12} {'random frame':>13}")
-    placed = sorted({i for entries in env_class.parts.values() for i in entries}) or range(len(env_class.state_names))
-    for label in [env_class.state_names[i] for i in placed]:  # what places the env's parts (no velocities)
-        say(f"  {label:24} {trained['nearest_error'][label]:>9.3g} {initial['nearest_error'][label]:>12.3g} "
-            f"{trained['random_error'][label]:>13.3g}")
+    say_geometry(geometry, env_class, say)
     say(f"imagined rollouts, latent MSE on {spec.clips} held-out clips (lower is better):")
     say("  chunks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
     say("  world model             " + "".join(f"{e:>9.3f}" for e in errors["model"]))
     say("  nothing changes         " + "".join(f"{e:>9.3f}" for e in errors["no_change"]))
     return results
+
+
+def say_geometry(geometry: dict, env_class, say) -> None:
+    """The probe's table of what the latent distance tells apart (neighbour_errors, effective_dimensions,
+    sigreg_by_rows), for the entries that place the env's parts."""
+    trained, initial, test = geometry["trained"], geometry["random_init"], geometry["trained"]["sigreg"]
+    say(f"what the latent distance tells apart: the state error of each held-out frame's nearest training latent "
+        f"(median; a random frame's beside it); the latents fill {trained['effective_dimensions']:.1f} of "
+        f"{trained['latent_dim']} dimensions (random init {initial['effective_dimensions']:.1f}); their SIGReg is "
+        f"{test['few']:.2f} at {test['rows']} rows (a Gaussian sample's {test['few_gaussian']:.2f}) and {test['all']:.1f} "
+        f"at all {test['all_rows']} (a Gaussian sample's {test['all_gaussian']:.2f}):")
+    say(f"  {'':24} {'trained':>9} {'random init':>12} {'random frame':>13}")
+    placed = sorted({i for entries in env_class.parts.values() for i in entries}) or range(len(env_class.state_names))
+    for label in [env_class.state_names[i] for i in placed]:  # what places the env's parts (no velocities)
+        say(f"  {label:24} {trained['nearest_error'][label]:>9.3g} {initial['nearest_error'][label]:>12.3g} "
+            f"{trained['random_error'][label]:>13.3g}")
 
 
 def probe(cfg: DictConfig) -> dict:

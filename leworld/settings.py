@@ -51,7 +51,7 @@ PLANNERS = {
     "random_actions": {},
     "prior": {"receding_horizon": nullable(COUNT)},
 }
-PROBE = {"frames": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
+PROBE = {"frames": (int, 2, None), "sigreg_rows": (int, 2, None), "clips": COUNT, "horizon": COUNT, "ridge": (float, 0, None), "seed": SEED}
 DECODER = {"widths": COUNT, "frames": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1),
            "weight_decay": (float, 0, 1)}
 IMAGINE = ("model", "simulator")  # eval's imagine: who predicts where a plan ends

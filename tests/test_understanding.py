@@ -38,6 +38,22 @@ def test_effective_dimensions_count_the_directions_latents_fill():
     assert effective_dimensions(torch.cat([isotropic[:, :1] * 10, isotropic[:, 1:] * 1e-3], 1)) < 1.01
 
 
+def test_sigreg_over_few_rows_hardly_sees_latents_that_fill_few_dimensions():
+    """Latents in 16 of 32 dimensions, each projection of unit variance on average: at 64 rows SIGReg
+    scores them near a Gaussian sample, at 2000 far above it (the statistic is N-scaled)."""
+    import torch
+
+    from leworld.probe import sigreg_by_rows
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 16, generator=generator))[0].T  # (16, 32) orthonormal rows
+    few = torch.randn(2000, 16, generator=generator) @ basis * 2**0.5  # trace 32, as an isotropic Gaussian's
+    test = sigreg_by_rows(few, 64, seed=0)
+    assert test["all"] > 8 * test["all_gaussian"] and test["few"] < 2.5 * test["few_gaussian"]
+    gaussian = sigreg_by_rows(torch.randn(2000, 32, generator=generator), 64, seed=0)
+    assert gaussian["all"] < 2 and gaussian["few"] < 2
+
+
 def test_the_nearest_latent_tells_which_state_entries_the_distance_keeps():
     """Latents that hold the first state entry and nothing of the second (an angle): the nearest
     training latent's error is small in the first, a random frame's in the second, angles modulo 2π."""

@@ -219,8 +219,9 @@ def probe_world_model(model, dataset, train_episodes, val_episodes, spec, device
     say_geometry(geometry, env_class, say)
     say(f"imagined rollouts, latent MSE on {spec.clips} held-out clips (lower is better):")
     say("  chunks ahead            " + "".join(f"{h + 1:>9}" for h in range(spec.horizon)))
-    say("  world model             " + "".join(f"{e:>9.3f}" for e in errors["model"]))
-    say("  nothing changes         " + "".join(f"{e:>9.3f}" for e in errors["no_change"]))
+    # significant digits, not decimals: a fixed encoder's latents can be small enough to print 0.000
+    say("  world model             " + "".join(f"{e:>9.3g}" for e in errors["model"]))
+    say("  nothing changes         " + "".join(f"{e:>9.3g}" for e in errors["no_change"]))
     return results
 
 

@@ -35,7 +35,7 @@ MODELS = {
              "encoder.projector.hidden": COUNT, "predictor.width": COUNT, "predictor.depth": COUNT,
              "predictor.heads": COUNT, "predictor.mlp_hidden": COUNT, "predictor.dropout": (float, 0, 0.99),
              "predictor.projector.hidden": COUNT, "predictor.rollout_steps": COUNT, "sigreg.weight": (float, 0, None),
-             "predictor.positions": (str, POSITIONS), "encoder.shift": (int, 0, 32),
+             "predictor.positions": (str, POSITIONS), "encoder.shift": (int, 0, 32), "encoder.calibrate": (int, 0, None),
              "proprio.width": COUNT, "proprio.dim": nullable(COUNT),
              **prefixed("sigreg", SIGREG)},
     "dinowm": {"image_size": IMAGE_SIZE, "history": COUNT, "frameskip": COUNT, "encoder.heads": nullable(COUNT),

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from einops import rearrange
 
 from leworld import LeworldError
 from leworld.models.lewm import LeWorldModel
@@ -161,6 +162,30 @@ def test_a_frozen_encoder_keeps_its_latents_and_trains_the_predictor_alone():
     assert not moved & {"backbone", "projector"} and {"predictor", "out_projector"} <= moved
     with pytest.raises(LeworldError, match="freeze=projector"):
         LeWorldModel({**TINY, "encoder": {**TINY["encoder"], "freeze": "projector"}}, codec())
+
+
+def test_calibrating_a_frozen_encoder_measures_its_batchnorm_statistics():
+    """model.encoder.calibrate: a random-init frozen encoder's BatchNorm statistics (mean 0, variance
+    1 as they start) measured on frames; its latents grow to a trainable scale and stay fixed after."""
+    torch.manual_seed(0)
+    cfg = {**TINY, "encoder": {**TINY["encoder"], "freeze": "encoder", "calibrate": 64}}
+    model = LeWorldModel(cfg, codec()).train()
+    pixels = torch.randint(0, 255, (100, 32, 32, 3), dtype=torch.uint8)  # (N, H, W, 3), as datasets hold them
+    clip = rearrange(pixels[:8], "(b t) h w c -> b t c h w", t=4)
+    before = model.encode(clip)
+    model.calibrate_norms(pixels, 64)
+    after = model.encode(clip)
+    norms = [m for m in model.projector.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert all(int(m.num_batches_tracked) == 1 and m.momentum == 0.1 for m in norms)  # 64 frames: one batch
+    assert after.std() > 2 * before.std()
+    seen = []  # what the projector's BatchNorm puts out on the calibration frames: standardised now
+    norms[0].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    model.encode(rearrange(pixels[torch.linspace(0, 99, 64).long()], "n h w c -> n 1 c h w"))
+    assert seen[0].mean(0).abs().max() < 0.1 and 0.8 < seen[0].var(0).mean() < 1.2
+    assert not model.projector.training and model.predictor.training  # still frozen, still training the rest
+    torch.testing.assert_close(model.encode(clip), after)
+    with pytest.raises(LeworldError, match="calibrate=64 sets the statistics of a frozen encoder"):
+        LeWorldModel({**TINY, "encoder": {**TINY["encoder"], "calibrate": 64}}, codec())
 
 
 def test_loading_a_checkpoint_never_unpickles(tmp_path, monkeypatch, model):

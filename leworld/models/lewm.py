@@ -72,6 +72,9 @@ class LeWorldModel(WorldModel):
         self.frozen = [self.backbone] if cfg.encoder.freeze else []
         if cfg.encoder.freeze == "encoder":
             self.frozen += [self.projector, *([self.proprio_encoder] if self.proprio_dim else [])]
+        if cfg.encoder.get("calibrate", 0) and not cfg.encoder.freeze:  # checkpoints from before it: none
+            raise LeworldError(f"model.encoder.calibrate={cfg.encoder.calibrate} sets the statistics of a frozen "
+                               "encoder: add model.encoder.freeze=encoder (or true), or drop it")
         for module in self.frozen:
             module.requires_grad_(False)
         self.train()  # modules start in training mode; this puts frozen ones in eval mode from the start
@@ -116,7 +119,33 @@ class LeWorldModel(WorldModel):
         if model_cfg.encoder.init is not None:
             load_weights(model.backbone, select(load_checkpoint(model_cfg.encoder.init).tensors, "backbone"),
                          model_cfg.encoder.init)
+        if model_cfg.encoder.get("calibrate", 0):
+            model.calibrate_norms(dataset.tensors["pixels"], model_cfg.encoder.calibrate)
         return model
+
+    @torch.no_grad()
+    def calibrate_norms(self, pixels: Tensor, frames: int, batch: int = 256) -> None:
+        """The frozen parts' BatchNorm statistics measured on `frames` of these frames (N, H, W, 3)
+        uint8, spread evenly (build: over the whole dataset, as the proprioception's statistics). At
+        random init they hold mean 0 and variance 1, which the features do not have: fixed latents
+        then come out so small (PushT's planning costs 100x a trained encoder's smaller) that the
+        predictor does not learn their changes."""
+        norms = [m for m in self.frozen_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            raise LeworldError(f"model.encoder.calibrate={frames} measures the BatchNorm statistics of the frozen "
+                               "encoder, but nothing frozen has any: set model.encoder.freeze=true or encoder, or "
+                               "drop model.encoder.calibrate")
+        was_training, momenta = self.training, [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below, not an exponential one
+            m.train()
+        rows = torch.linspace(0, len(pixels) - 1, min(frames, len(pixels))).long()
+        for chunk in rows.split(batch):
+            self.encode(rearrange(pixels[chunk], "n h w c -> n 1 c h w"))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        self.train(was_training)
 
     def frozen_modules(self) -> set[nn.Module]:
         return {m for module in self.frozen for m in module.modules()}

@@ -72,7 +72,8 @@ class LeWorldModel(WorldModel):
         self.frozen = [self.backbone] if cfg.encoder.freeze else []
         if cfg.encoder.freeze == "encoder":
             self.frozen += [self.projector, *([self.proprio_encoder] if self.proprio_dim else [])]
-        if cfg.encoder.get("calibrate", 0) and not cfg.encoder.freeze:  # checkpoints from before it: none
+        self.calibrate = cfg.encoder.get("calibrate", 0)  # checkpoints from before it: none
+        if self.calibrate and not cfg.encoder.freeze:
             raise LeworldError(f"model.encoder.calibrate={cfg.encoder.calibrate} sets the statistics of a frozen "
                                "encoder: add model.encoder.freeze=encoder (or true), or drop it")
         for module in self.frozen:
@@ -119,17 +120,19 @@ class LeWorldModel(WorldModel):
         if model_cfg.encoder.init is not None:
             load_weights(model.backbone, select(load_checkpoint(model_cfg.encoder.init).tensors, "backbone"),
                          model_cfg.encoder.init)
-        if model_cfg.encoder.get("calibrate", 0):
-            model.calibrate_norms(dataset.tensors["pixels"], model_cfg.encoder.calibrate)
+        if model.calibrate:
+            proprio = dataset.tensors["proprio"] if model.proprio_dim else None
+            model.calibrate_norms(dataset.tensors["pixels"], model.calibrate, proprio)
         return model
 
     @torch.no_grad()
-    def calibrate_norms(self, pixels: Tensor, frames: int, batch: int = 256) -> None:
+    def calibrate_norms(self, pixels: Tensor, frames: int, proprio: Tensor | None = None, batch: int = 256) -> None:
         """The frozen parts' BatchNorm statistics measured on `frames` of these frames (N, H, W, 3)
-        uint8, spread evenly (build: over the whole dataset, as the proprioception's statistics). At
-        random init they hold mean 0 and variance 1, which the features do not have: fixed latents
-        then come out so small (PushT's planning costs 100x a trained encoder's smaller) that the
-        predictor does not learn their changes."""
+        uint8 (and their raw proprio (N, Q), for a model that reads it), spread evenly; build takes
+        them from the whole dataset, as the proprioception's statistics. At random init they hold
+        mean 0 and variance 1, which the features do not have: fixed latents then come out so small
+        (on PushT, planning costs 100x smaller than a trained encoder's) that the predictor does not
+        learn their changes."""
         norms = [m for m in self.frozen_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not norms:
             raise LeworldError(f"model.encoder.calibrate={frames} measures the BatchNorm statistics of the frozen "
@@ -142,7 +145,8 @@ class LeWorldModel(WorldModel):
             m.train()
         rows = torch.linspace(0, len(pixels) - 1, min(frames, len(pixels))).long()
         for chunk in rows.split(batch):
-            self.encode(rearrange(pixels[chunk], "n h w c -> n 1 c h w"))
+            self.encode(rearrange(pixels[chunk], "n h w c -> n 1 c h w"),
+                        None if proprio is None else rearrange(proprio[chunk], "n q -> n 1 q"))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         self.train(was_training)

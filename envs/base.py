@@ -83,6 +83,8 @@ class Env(gym.Env):
         action_space                     a Box
         parts                            its movable parts, each with the state entries that place it
                                          (what `teleport` moves; a MuJoCo env's part is also a body)
+    and may set `object_dims`, the state entries that place what the agent moves (PushT's block):
+    eval splits its success by how far each task asks to move it.
 
     `reset(options={"state": s})` restores a state, and `options={"goal": g}` sets the goal that
     `info["success"]` is measured against.
@@ -92,6 +94,7 @@ class Env(gym.Env):
     state_names: list[str] = []  # one per state entry, for tables and probes
     angle_dims: tuple[int, ...] = ()  # entries that are angles
     parts: dict[str, tuple[int, ...]] = {}  # movable part -> the state entries that place it
+    object_dims: tuple[int, ...] = ()  # the position of what the agent moves (PushT's block), if anything
 
     def __init__(self, image_size: int = 64):
         if not isinstance(image_size, (int, np.integer)) or image_size < 8:

@@ -40,6 +40,7 @@ class CubeEnv(MujocoEnv):
                    "cube_vx", "cube_vy", "cube_vz", "cube_wx", "cube_wy", "cube_wz"]
     angle_dims = ()
     parts = {"gripper": (0, 1, 2), "cube": (5, 6, 7, 8, 9, 10, 11)}
+    object_dims = (5, 6, 7)
     camera = "front"
     physics_dt = 0.005  # grasps hold at 200 Hz (tested); 2.4x cheaper for the oracle than 500 Hz
     physics_steps = 10

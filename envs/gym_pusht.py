@@ -51,6 +51,7 @@ def gym_pusht_module():
 class GymPushTEnv(Env):
     state_names = ["agent_x", "agent_y", "block_x", "block_y", "block_angle", "agent_vx", "agent_vy"]
     parts = {"agent": (0, 1), "block": (2, 3, 4)}
+    object_dims = (2, 3)
     angle_dims = (4,)  # compared modulo 2π
     # the same criterion, distance, cost and proprioception as leworld's PushT: its state begins alike
     success, distance, goal_cost, proprio = PushTEnv.success, PushTEnv.distance, PushTEnv.goal_cost, PushTEnv.proprio

@@ -47,6 +47,7 @@ class PushTEnv(MujocoEnv):
                    "agent_vx", "agent_vy", "block_vx", "block_vy", "block_spin"]
     angle_dims = (4,)  # compared modulo 2π
     parts = {"agent": (0, 1), "block": (2, 3, 4)}
+    object_dims = (2, 3)
     physics_dt = 0.01
     physics_steps = 10
     state_scale = [UNIT] * 4 + [1.0] + [UNIT] * 4 + [1.0]  # MuJoCo units to workspace units

@@ -12,7 +12,7 @@ from conftest import run
 from leworld.dataset import EpisodeDataset
 from leworld.models import load_world_model, open_dataset
 from leworld.planning import Goals, LatentObjective
-from leworld.planning.anatomy import CLASSES, classify, recorded_plans, replay_reaches
+from leworld.planning.anatomy import CLASSES, by_object_moved, classify, recorded_plans, replay_reaches
 
 # the goal one plan away: 5 chunks of 2 steps; replanning after 2 chunks, so the open loop covers 2
 ONE_PLAN = ["planner.samples=32", "planner.elites=4", "planner.iterations=2", "protocol.episodes=6", "protocol.batch=3",
@@ -25,6 +25,17 @@ def test_classes_follow_the_costs():
     chosen, recorded = np.array([1.0, 2.0, 1.0, 1.0]), np.array([5.0, 1.0, 3.0, 0.5])
     reaches = np.array([True, True, True, False])
     assert classify(success, chosen, recorded, reaches) == [None, "search", "model", "recorded actions miss"]
+
+
+def test_success_is_split_in_thirds_by_how_far_the_object_moves():
+    moved = [0.0, 0.0, 5.0, 10.0, 30.0, 60.0]
+    rows = [{"object_moved": m, "success": s} for m, s in zip(moved, [True, True, False, True, False, False])]
+    split = by_object_moved(rows, ["block_x", "block_y"])["by_object_moved"]
+    assert split["edges"] == pytest.approx(np.quantile(moved, [1 / 3, 2 / 3]).tolist())
+    assert split["episodes"] == [2, 2, 2] and split["successes"] == [2, 1, 0]
+    assert split["object"] == ["block_x", "block_y"]
+    assert by_object_moved(rows, []) == {}  # an env without an object (TwoRoom, Reacher)
+    assert by_object_moved([{"success": True}] * 3, ["block_x"]) == {}  # rows from before the split
 
 
 def test_recorded_actions_replayed_reach_their_goals(trained, data_path):

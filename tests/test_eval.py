@@ -237,6 +237,15 @@ def test_cube_collects_trains_probes_and_plans_from_the_command_line(tmp_path):
     cube's pose as tilt and yaw, and eval plans with the checkpoint and with the simulator."""
     run_dir, probe = train_probe_and_plan(tmp_path, "cube", SMALL)
     assert {"cube_z", "cube_tilt", "cube_yaw4.cos"} <= set(probe["r2"]["trained"])
+    # each task says how far it moves the cube, start to goal, and success is split by it
+    report = json.loads((tmp_path / "ckpt" / "eval.json").read_text())
+    state = EpisodeDataset.open(tmp_path / "cube").tensors["state"].double().numpy()
+    for r in report["episodes"]["planner"]:
+        start, goal = state[r["dataset_row"], 5:8], state[r["dataset_row"] + 10, 5:8]
+        assert r["object_moved"] == pytest.approx(np.linalg.norm(goal - start))
+    split = report["summary"]["planner"]["by_object_moved"]
+    assert split["object"] == ["cube_x", "cube_y", "cube_z"] and sum(split["episodes"]) == 5
+    assert all(0 <= won <= count for won, count in zip(split["successes"], split["episodes"]))
     assert load_world_model(run_dir).codec.block_dim == 4 * 2  # 4-D actions, frameskip 2
 
 

@@ -70,6 +70,22 @@ def failure_summary(results: list[dict]) -> dict:
             "failed_medians": medians}
 
 
+def by_object_moved(results: list[dict], names: list[str]) -> dict:
+    """Success in thirds of the tasks, ordered by how far each asks to move the env's object (its
+    `object_dims`, PushT's block; the rows' "object_moved", start to goal): whether a planner fails
+    the tasks that need a push, or all alike. The edges are these tasks' own thirds, so two evals
+    compare where they planned the same tasks. {} where the env names no object or under 3 tasks."""
+    if not names or len(results) < 3 or not all("object_moved" in r for r in results):
+        return {}
+    moved = np.array([r["object_moved"] for r in results])
+    success = np.array([r["success"] for r in results])
+    edges = np.quantile(moved, [1 / 3, 2 / 3])
+    third = np.searchsorted(edges, moved, side="right")  # (N,) in 0..2: under the first edge, between, above
+    return {"by_object_moved": {"object": list(names), "edges": edges.tolist(),
+                                "episodes": [int((third == k).sum()) for k in range(3)],
+                                "successes": [int(success[third == k].sum()) for k in range(3)]}}
+
+
 def explain(rows: list[dict], result, objective, env, starts: np.ndarray, goals: np.ndarray, recorded: torch.Tensor,
             codec: ActionCodec, index: np.ndarray) -> None:
     """Add each episode's anatomy to its row: the first solve's cost of the chosen plan and of the

@@ -14,7 +14,7 @@ import envs
 from leworld import LeworldError
 from leworld.codec import ActionCodec
 from leworld.dataset import EpisodeDataset
-from leworld.planning.anatomy import explain, failure_summary, recorded_plans
+from leworld.planning.anatomy import by_object_moved, explain, failure_summary, recorded_plans
 from leworld.planning.objectives import Goals, LatentObjective
 from planners import PLANNERS, Bounds
 from planners.mpc import run_mpc
@@ -115,7 +115,8 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
         episodes = [{"episode": first + i, "seed": seed, "dataset_row": int(row), "success": bool(result.success[i]),
                      "steps": int(result.steps[i]), "start_success": bool(batch[i].success(starts[i], goals[i])),
                      "final_distance": batch[i].distance(result.final_state[i], goals[i]),
-                     "final_state": result.final_state[i].tolist()} for i, row in enumerate(batch_rows)]
+                     "final_state": result.final_state[i].tolist(),
+                     **object_moved(batch[i], starts[i], goals[i])} for i, row in enumerate(batch_rows)]
         if recorded is not None:
             explain(episodes, result, costs, model.env, starts, goals, recorded, model.codec, np.arange(len(batch)))
         results += episodes
@@ -126,18 +127,27 @@ def run_protocol(model, dataset: EpisodeDataset, rows: np.ndarray, planner_cfg: 
     return results, solve_seconds, seen[:record]
 
 
+def object_moved(env, start: np.ndarray, goal: np.ndarray) -> dict:
+    """How far a task asks to move the env's object (its `object_dims`), start to goal: {} without one."""
+    dims = list(env.object_dims)
+    return {"object_moved": float(np.linalg.norm(goal[dims] - start[dims]))} if dims else {}
+
+
 def rows_per_call(protocol: DictConfig, device: torch.device) -> int | None:
     """How many (environment, plan) rows a cost call takes at a time: protocol.cpu_rows_per_call on
     a CPU (whose caches it keeps intermediates in), all of them on a GPU (whose width they fill)."""
     return protocol.get("cpu_rows_per_call") if device.type == "cpu" else None
 
 
-def summary(results: list[dict], solve_seconds: list[float]) -> dict:
+def summary(results: list[dict], solve_seconds: list[float], object_names: list[str] = ()) -> dict:
+    """The figures of one set of episodes; object_names: the env's `object_dims`' state names, for
+    the split of success by how far the tasks move that object."""
     success = np.array([r["success"] for r in results], dtype=float)
     return {"success_rate": float(success.mean()),
             "standard_error": float(success.std(ddof=1) / np.sqrt(len(success))) if len(success) > 1 else 0.0,
             "median_final_distance": float(np.median([r["final_distance"] for r in results])),
             "start_success_rate": float(np.mean([r["start_success"] for r in results])),
             "episodes": len(results), "solves": len(solve_seconds),
-            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0} | failure_summary(results)
+            "median_solve_seconds": statistics.median(solve_seconds) if solve_seconds else 0.0} \
+        | failure_summary(results) | by_object_moved(results, object_names)
 

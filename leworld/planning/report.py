@@ -55,18 +55,21 @@ def _evaluate_into(model, dataset, planner_cfg, protocol, seed, device, out_dir:
           f"{', each plan to the step the goal is due' if goal_steps(planner_cfg, protocol) else ''}")
     results, solve_seconds, seen = run_protocol(model, dataset, rows, planner_cfg, protocol, seed, device,
                                                 record=protocol.videos, objective=objective)
-    report = {"planner": summary(results, solve_seconds)}
+    env_class = envs.ENVS[model.env.name]
+    object_names = [env_class.state_names[i] for i in env_class.object_dims]
+    report = {"planner": summary(results, solve_seconds, object_names)}
     print(f"{planner_cfg.name}: success {100 * report['planner']['success_rate']:.1f}% ± "
           f"{100 * report['planner']['standard_error']:.1f}% over {len(results)} episodes, median final distance "
           f"{report['planner']['median_final_distance']:.3g}; median planning time "
           f"{report['planner']['median_solve_seconds']:.2f} s per solve of up to {protocol.batch} environments; "
           f"{100 * report['planner']['start_success_rate']:.0f}% of the starts already met their goal")
     print_anatomy(report["planner"])
+    print_by_object_moved(report["planner"])
     rows_out = {"planner": results}
     if protocol.random_baseline:
         floor, _, _ = run_protocol(model, dataset, rows, OmegaConf.create({"name": "random_actions"}), protocol, seed, device,
                                    objective=objective, anatomy=False)
-        report["random"] = summary(floor, [])
+        report["random"] = summary(floor, [], object_names)
         rows_out["random"] = floor
         print(f"random actions: success {100 * report['random']['success_rate']:.1f}% ± "
               f"{100 * report['random']['standard_error']:.1f}%, median final distance "
@@ -103,6 +106,18 @@ def print_anatomy(summary: dict) -> None:
             line += (f"; the chosen plan's end: achieved cost {medians['achieved_cost']:.3g}, open-loop error "
                      f"{medians['open_loop_error']:.3g} (nothing changes: {medians['moved']:.3g})")
         print(line)
+
+
+def print_by_object_moved(summary: dict) -> None:
+    """One line of success in thirds of the tasks by how far each moves the env's object (anatomy.py)."""
+    if "by_object_moved" not in summary:
+        return
+    split = summary["by_object_moved"]
+    low, high = split["edges"]
+    thirds = [f"under {low:.3g}", f"{low:.3g} to {high:.3g}", f"{high:.3g} or more"]
+    print(f"  success by how far the task moves {' / '.join(split['object'])} (thirds of the tasks): "
+          + ", ".join(f"{third}: {won} of {count}"
+                      for third, won, count in zip(thirds, split["successes"], split["episodes"])))
 
 
 def write_gif(rows: list[list[np.ndarray]], path: Path, duration: int = 100) -> str:

@@ -70,7 +70,7 @@ def failure_summary(results: list[dict]) -> dict:
             "failed_medians": medians}
 
 
-def by_object_moved(results: list[dict], names: list[str]) -> dict:
+def by_object_moved(results: list[dict], names: list[str] | None) -> dict:
     """Success in thirds of the tasks, ordered by how far each asks to move the env's object (its
     `object_dims`, PushT's block; the rows' "object_moved", start to goal): whether a planner fails
     the tasks that need a push, or all alike. The edges are these tasks' own thirds, so two evals

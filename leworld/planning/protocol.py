@@ -139,7 +139,7 @@ def rows_per_call(protocol: DictConfig, device: torch.device) -> int | None:
     return protocol.get("cpu_rows_per_call") if device.type == "cpu" else None
 
 
-def summary(results: list[dict], solve_seconds: list[float], object_names: list[str] = ()) -> dict:
+def summary(results: list[dict], solve_seconds: list[float], object_names: list[str] | None = None) -> dict:
     """The figures of one set of episodes; object_names: the env's `object_dims`' state names, for
     the split of success by how far the tasks move that object."""
     success = np.array([r["success"] for r in results], dtype=float)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -281,6 +282,12 @@ def test_torchrun_ranks_split_one_global_batch_and_match_one_process(data_path, 
     assert torch.equal(torch.cat([rank0["pixels"], rank1["pixels"]]), both["pixels"])  # ... of one global batch
 
 
+def rank_of(pid: int) -> int:
+    """The torchrun rank of a worker process, from its environment."""
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    return int(environ["RANK"])
+
+
 def test_a_killed_torchrun_process_leaves_the_others_saying_how_to_resume(data_path, tmp_path, trained):
     run_dir = tmp_path / "ddp"
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -290,9 +297,10 @@ def test_a_killed_torchrun_process_leaves_the_others_saying_how_to_resume(data_p
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoint.safetensors").exists():
         time.sleep(0.05)
-    ranks = child_pids(job.pid)
-    assert len(ranks) == 2 and job.poll() is None
-    os.kill(max(ranks), signal.SIGKILL)  # one of the two processes, as the out-of-memory killer would
+    ranks = {rank_of(pid): pid for pid in child_pids(job.pid)}
+    assert sorted(ranks) == [0, 1] and job.poll() is None
+    # rank 0, as the out-of-memory killer might: the only process that logs, so the survivor must say it
+    os.kill(ranks[0], signal.SIGKILL)
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert f"continue with torchrun --nproc_per_node=2 -m leworld.train resume=true run_dir={run_dir}" in out + err

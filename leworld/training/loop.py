@@ -2,6 +2,7 @@
 BatchNorm recalibration, metric rows, checkpoints it can resume from (leworld/checkpoint), a time
 budget (train.minutes), and the message that says what an interrupted run kept."""
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,8 +195,12 @@ class TrainingLoop:
             self.epochs()
         except KeyboardInterrupt as stop:
             self.bar.close()
-            self.log.print(f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'} at step {p.step}: "
-                           f"{what_is_kept(cfg, p.saved_at, self.procs.world_size)}")
+            said = (f"{'stopped by SIGTERM' if isinstance(stop, Stopped) else 'interrupted'} at step {p.step}: "
+                    f"{what_is_kept(cfg, p.saved_at, self.procs.world_size)}")
+            if self.procs.is_main:
+                self.log.print(said)
+            elif isinstance(stop, Stopped):  # torchrun stops a dead process's peers so; the dead one may be rank 0
+                print(f"rank {self.procs.rank}: {said}", file=sys.stderr, flush=True)
             raise
         except RuntimeError as err:  # under torchrun: a peer that died (killed, out of memory) ends the collectives
             if self.procs.world_size == 1 or not any(word in str(err) for word in PEER_LOST):

@@ -4,6 +4,9 @@ Plan with a stable-worldmodel LeWM:  python -m leworld.eval ckpt=<its checkpoint
 Plan with a perfect predictor:      python -m leworld.eval ckpt=<run folder> imagine=simulator
                                     (each plan simulated, its last frame scored by the model's encoder
                                     and distance: what the encoder's latents allow at best)
+Measure latents in chunks:          python -m leworld.eval ckpt=<run folder> metric=change
+                                    (the planning cost's distance whitened by how the training episodes'
+                                    latents change in one chunk: leworld/planning/metric.py)
 
 Runs the planning protocol of LeWM and DINO-WM (leworld/planning/, configs/protocol/default.yaml)
 on held-out episodes of the model's dataset, against random actions, and writes eval.json and GIFs
@@ -26,6 +29,7 @@ from leworld.decode import load_decoder
 from leworld.models import EnvSpec, open_world_model
 from leworld.planning import (EncodedSimulatorObjective, LatentObjective, Oracle, SimulatorObjective, check_protocol,
                               evaluate, make_planner)
+from leworld.planning.metric import measure_in_chunks
 from leworld.prior import load_prior
 from leworld.runtime import check_values, load_config, pick_device, run_main
 
@@ -36,6 +40,8 @@ def run_eval(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     kind = OmegaConf.select(cfg, "model.type")
     if kind == "oracle":
+        if cfg.metric != "latent":
+            raise LeworldError(f"metric={cfg.metric} measures a world model's latents; the oracle scores states: drop metric=")
         model, dataset = oracle(cfg)
         make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
         out_dir = Path(cfg.out_dir or f"runs/eval/oracle-{model.env.name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
@@ -53,22 +59,25 @@ def run_eval(cfg: DictConfig) -> dict:
     if expected is not None and expected != model.env.name:
         raise LeworldError(f"{path} is a {model.env.name} world model, not {expected}; pass a {expected} checkpoint or drop env=")
     make_planner(cfg.planner, model.codec, cfg.seed, device)  # a bad planner setting fails before any folder is made
-    objective, scorer = imagination(cfg, model, device)
+    objective, scorer = imagination(cfg, model, dataset, device)
     with_prior = cfg.prior or cfg.planner.name == "prior"
     prior = load_prior(path, model, device) if with_prior else None
     name = f"{cfg.planner.name}{'-prior' if with_prior and cfg.planner.name != 'prior' else ''}"
     name += ("-simulator" if cfg.imagine == "simulator" else "") + ("-untrained" if cfg.untrained else "")
+    name += "-change" if cfg.metric == "change" else ""
     out_dir = Path(cfg.out_dir or path.parent / "eval" / f"{name}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
     return evaluate(scorer, dataset, cfg.planner, cfg.protocol, cfg.seed, device, out_dir,
-                    {"ckpt": str(path), "prior": with_prior, "imagine": cfg.imagine, "untrained": cfg.untrained},
+                    {"ckpt": str(path), "prior": with_prior, "imagine": cfg.imagine, "untrained": cfg.untrained,
+                     "metric": cfg.metric, **({"metric_shrink": cfg.metric_shrink} if cfg.metric == "change" else {})},
                     objective=functools.partial(objective, prior=prior), oracle=oracle_summary(cfg, model, dataset),
                     decoder=decoder_of(path, device) if scorer is model else None)  # the decoder reads trained latents
 
 
-def imagination(cfg: DictConfig, model, device):
+def imagination(cfg: DictConfig, model, dataset: EpisodeDataset, device):
     """What imagines where a plan ends (`imagine`: the model, or the simulator with the last frame
-    encoded) and which model scores it (the trained one, or with `untrained` the same untrained, for what
-    training the encoder did to its latent distance). -> (objective, model)"""
+    encoded), which model scores it (the trained one, or with `untrained` the same untrained, for what
+    training the encoder did to its latent distance) and how it measures latents (`metric`).
+    -> (objective, model)"""
     if cfg.untrained:
         if cfg.imagine != "simulator":
             raise LeworldError("untrained=true plans with an untrained model, whose predictor imagines nothing; "
@@ -77,6 +86,10 @@ def imagination(cfg: DictConfig, model, device):
             raise LeworldError("the policy prior reads the trained encoder's latents, not an untrained one's: drop "
                                "prior=true / planner=prior, or untrained=true")
         model = model.untrained(cfg.seed).to(device).eval().requires_grad_(False)
+    if cfg.metric == "change":
+        model.metric = measure_in_chunks(model, dataset, cfg.metric_shrink, device)
+        print(f"metric=change: latent differences measured in units of one chunk's latent change over the training "
+              f"episodes (its covariance shrunk by {cfg.metric_shrink:g}); every cost below is in that measure")
     if cfg.imagine != "simulator":
         return LatentObjective, model
     print("imagine=simulator: every plan is simulated and its last frame encoded by the model, which scores it with "

@@ -55,6 +55,7 @@ PROBE = {"frames": (int, 2, None), "sigreg_rows": (int, 2, None), "clips": COUNT
 DECODER = {"widths": COUNT, "frames": COUNT, "steps": COUNT, "batch_size": COUNT, "lr": (float, Above(0), 1),
            "weight_decay": (float, 0, 1)}
 IMAGINE = ("model", "simulator")  # eval's imagine: who predicts where a plan ends
+METRICS = ("latent", "change")  # eval's metric: how the planning cost measures latents (leworld/planning/metric.py)
 PROTOCOL = {"episodes": COUNT, "goal_offset": COUNT, "budget": COUNT, "horizon": COUNT, "receding_horizon": nullable(COUNT),
             "batch": COUNT, "videos": (int, 0, None), "cpu_rows_per_call": nullable(COUNT)}
 
@@ -88,7 +89,8 @@ def train(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    rules = {"seed": SEED, "imagine": (str, IMAGINE), **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
+    rules = {"seed": SEED, "imagine": (str, IMAGINE), "metric": (str, METRICS), "metric_shrink": (float, Above(0), 1),
+             **prefixed("protocol", PROTOCOL), **planner(cfg.planner)}
     if cfg.get("env") is not None:
         rules |= prefixed("env", ENV)
     if cfg.get("model") is not None:  # model=oracle

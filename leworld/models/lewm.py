@@ -73,6 +73,7 @@ class LeWorldModel(WorldModel):
         if cfg.encoder.freeze == "encoder":
             self.frozen += [self.projector, *([self.proprio_encoder] if self.proprio_dim else [])]
         self.calibrate = cfg.encoder.get("calibrate", 0)  # checkpoints from before it: none
+        self.metric: Tensor | None = None  # how distance measures latents in planning (eval metric=); None: L2
         if self.calibrate and not cfg.encoder.freeze:
             raise LeworldError(f"model.encoder.calibrate={cfg.encoder.calibrate} sets the statistics of a frozen "
                                "encoder: add model.encoder.freeze=encoder (or true), or drop it")
@@ -191,8 +192,12 @@ class LeWorldModel(WorldModel):
         return rearrange(self.distance(imagined[:, -1], repeat(goal, "b d -> (b s) d", s=s)), "(b s) -> b s", b=b)
 
     def distance(self, latents: Tensor, target: Tensor) -> Tensor:
-        """Squared L2 over the latent: (..., D) x (..., D) -> (...)."""
-        return (latents - target).square().sum(-1)
+        """Squared L2 over the latent: (..., D) x (..., D) -> (...); with `metric` A (D, D) set (eval
+        metric=change, leworld/planning/metric.py), of the difference mapped by A."""
+        difference = latents - target
+        if self.metric is not None:
+            difference = difference @ self.metric.T.to(difference.dtype)
+        return difference.square().sum(-1)
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch: pixels (B, T, 3, H, W) uint8 and actions (B, T, fs·A), T = history + 1."""

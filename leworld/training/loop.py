@@ -199,7 +199,7 @@ class TrainingLoop:
                     f"{what_is_kept(cfg, p.saved_at, self.procs.world_size)}")
             if self.procs.is_main:
                 self.log.print(said)
-            elif isinstance(stop, Stopped):  # torchrun stops a dead process's peers so; the dead one may be rank 0
+            elif isinstance(stop, Stopped):  # torchrun's SIGTERM to the survivors of a dead process, maybe rank 0
                 print(f"rank {self.procs.rank}: {said}", file=sys.stderr, flush=True)
             raise
         except RuntimeError as err:  # under torchrun: a peer that died (killed, out of memory) ends the collectives
